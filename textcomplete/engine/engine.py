@@ -1,0 +1,155 @@
+"""The synchronous engine: add requests, step, abort. Owns every request, the scheduler and the runner.
+
+One step = schedule -> run the model -> apply results to requests -> hand out `RequestOutput`s.
+The async wrapper in `async_engine.py` runs this loop on its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from textcomplete.config import EngineConfig
+from textcomplete.engine.block_manager import BlockAllocator
+from textcomplete.engine.outputs import RequestOutput
+from textcomplete.engine.request import Request
+from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_block
+from textcomplete.engine.sampling_params import SamplingParams
+from textcomplete.engine.scheduler import Scheduler
+from textcomplete.models.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, _DTYPES[config.dtype]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        if loaded is None:
+            device, dtype = resolve_device_and_dtype(config)
+            loaded = load_model(config.model, dtype, device)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        spec = loaded.spec
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        num_blocks = config.kv_cache_memory // kv_bytes_per_block(spec, config.block_size, loaded.dtype)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, loaded.dtype,
+                                  loaded.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        log.info("KV cache: %d blocks of %d tokens (%d tokens); context %d", num_blocks, config.block_size,
+                 num_blocks * config.block_size, self.max_model_len)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_token_ids
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError if it can never run (bad ids, too long, larger than the cache)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_fits(prompt_token_ids, params)
+        request = Request(request_id, prompt_token_ids, params, next(self._arrivals))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.loaded.spec.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        wanted = len(prompt_token_ids) + (params.max_tokens or 0)
+        if wanted > self.max_model_len:
+            raise ValueError(f"{wanted} tokens exceed the context length {self.max_model_len}")
+        most = min(len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None
+                                            else self.max_model_len), self.max_model_len)
+        if -(-most // self.allocator.block_size) > self.allocator.num_blocks:
+            raise ValueError(f"a request of {most} tokens does not fit in the KV cache "
+                             f"({self.allocator.num_blocks * self.allocator.block_size} tokens)")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.remove(request)
+        request.finish_reason = "abort"
+        return RequestOutput(request_id, (), finished=True, finish_reason="abort",
+                             num_prompt_tokens=request.prompt_len)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        return [out for result in self.runner.execute(sched) if (out := self._apply(result)) is not None]
+
+    def _apply(self, result: ChunkResult) -> RequestOutput | None:
+        chunk, request = result.chunk, result.chunk.request
+        completes = chunk.completes_sequence   # judged before the new token lengthens the sequence
+        request.num_computed_tokens = chunk.end
+        request.next_prompt_logprob_pos += len(result.prompt_logprobs)
+        new_tokens = ()
+        if result.token_id is not None:
+            request.token_ids.append(result.token_id)
+            new_tokens = (result.token_id,)
+        if completes:
+            request.finish_reason = self._finish_reason(request)
+        if not new_tokens and not result.prompt_logprobs and request.finish_reason is None:
+            return None   # a prompt chunk with nothing to report yet
+        if request.finish_reason is not None:
+            self.requests.pop(request.request_id, None)
+            self.scheduler.remove(request)
+        return RequestOutput(
+            request.request_id, new_tokens,
+            logprobs=(result.logprob,) if result.logprob is not None else (),
+            prompt_logprobs=tuple(result.prompt_logprobs),
+            finished=request.finish_reason is not None, finish_reason=request.finish_reason,
+            num_prompt_tokens=request.prompt_len)
+
+    def _finish_reason(self, request: Request) -> str | None:
+        params = request.params
+        if params.max_tokens == 0:
+            return "length"
+        last = request.token_ids[-1]
+        if not params.ignore_eos and last in self.eos_token_ids or last in params.stop_token_ids:
+            return "stop"
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return "length"
+        if request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[RequestOutput]]:
+        """Run prompts to completion, all at once; returns each request's outputs in order (for tests, tools)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{next(self._arrivals)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        collected: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while any(not outs or not outs[-1].finished for outs in collected.values()):
+            for out in self.step():
+                collected[out.request_id].append(out)
+        return [collected[rid] for rid in ids]

@@ -1,0 +1,144 @@
+"""The model runner: scheduler output -> tensors -> forward pass -> sampled tokens and logprobs.
+
+The only place that builds tensors. It owns the KV cache tensors: one [num_slots, kv_heads, head_dim]
+key and value tensor per layer, where slot = block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from textcomplete.engine.outputs import TokenLogprob
+from textcomplete.engine.sampler import Sampler, token_logprobs
+from textcomplete.engine.scheduler import ScheduledChunk, SchedulerOutput
+from textcomplete.models.layers import AttentionMetadata, PagedAttention, PrefillSpan
+from textcomplete.models.spec import ModelSpec
+
+
+@dataclass
+class ChunkResult:
+    """What one scheduled chunk produced: a sampled token (if it completed the sequence), prompt logprobs."""
+
+    chunk: ScheduledChunk
+    token_id: int | None = None
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        self.model, self.spec, self.block_size, self.device = model, spec, block_size, device
+        self.sampler = Sampler(seed)
+        num_slots = num_blocks * block_size
+        shape = (num_slots, spec.num_kv_heads, spec.head_dim)
+        for attn in (m for m in model.modules() if isinstance(m, PagedAttention)):
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> list[ChunkResult]:
+        # Single-token chunks (decodes) first, batched in attention; longer chunks follow one by one.
+        chunks = sorted(sched.chunks, key=lambda c: c.num_tokens > 1)
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, meta)   # [num_tokens, hidden]
+        return self._results(chunks, hidden)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids: list[int] = []
+        pos: list[int] = []
+        for c in chunks:
+            ids.extend(c.request.token_ids[c.start:c.end])
+            pos.extend(range(c.start, c.end))
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        meta = AttentionMetadata(slot_mapping=self._slots_of(chunks), num_decode_tokens=len(decodes))
+        if decodes:
+            meta.decode_key_slots, mask = self._key_slots(decodes)
+            meta.decode_key_mask = mask[:, None, None, :]
+        offset = len(decodes)
+        for c in chunks[len(decodes):]:
+            key_slots, _ = self._key_slots([c])
+            mask = None
+            if c.start:   # queries at positions start.. see every earlier key: causal, offset
+                q_pos = torch.arange(c.start, c.end, device=self.device)[:, None]
+                mask = torch.arange(c.end, device=self.device)[None, :] <= q_pos
+            meta.prefills.append(PrefillSpan(offset, offset + c.num_tokens, key_slots[0], mask))
+            offset += c.num_tokens
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_long(ids), as_long(pos), meta
+
+    def _block_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        width = max(len(c.request.block_table) for c in chunks)
+        rows = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in chunks]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)   # [n, max_blocks]
+
+    def _slots_of(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Cache slot of every token computed this step, in step order."""
+        tables = self._block_tables(chunks)
+        parts = []
+        for i, c in enumerate(chunks):
+            p = torch.arange(c.start, c.end, device=self.device)
+            parts.append(tables[i, p // self.block_size] * self.block_size + p % self.block_size)
+        return torch.cat(parts)
+
+    def _key_slots(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of positions 0..end-1 of each chunk's request, padded: ([n, max_end], valid [n, max_end])."""
+        tables = self._block_tables(chunks)
+        ends = torch.tensor([c.end for c in chunks], device=self.device)
+        p = torch.arange(int(ends.max()), device=self.device)
+        slots = tables[:, p // self.block_size] * self.block_size + p % self.block_size
+        valid = p[None, :] < ends[:, None]
+        return slots.masked_fill(~valid, 0), valid
+
+    def _results(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[ChunkResult]:
+        results = [ChunkResult(c) for c in chunks]
+        rows, row_owner = [], []                  # hidden rows whose logits are needed, and why
+        offset = 0
+        for i, c in enumerate(chunks):
+            for p in _prompt_logprob_positions(c):
+                rows.append(offset + p - c.start)
+                row_owner.append((i, p))
+            if c.completes_sequence and c.request.params.max_tokens != 0:
+                rows.append(offset + c.num_tokens - 1)
+                row_owner.append((i, None))
+            offset += c.num_tokens
+        if not rows:
+            return results
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).to("cpu")
+        self._fill_prompt_logprobs(results, logits, row_owner)
+        self._fill_samples(results, logits, row_owner)
+        return results
+
+    def _fill_prompt_logprobs(self, results: list[ChunkResult], logits: torch.Tensor,
+                              row_owner: list[tuple[int, int | None]]) -> None:
+        picks = [(r, i, p) for r, (i, p) in enumerate(row_owner) if p is not None]
+        if not picks:
+            return
+        logprobs = torch.log_softmax(logits[[r for r, _, _ in picks]], dim=-1)
+        targets = [results[i].chunk.request.token_ids[p + 1] for _, i, p in picks]
+        ks = [results[i].chunk.request.params.prompt_logprobs for _, i, _ in picks]
+        for (_, i, _), entry in zip(picks, token_logprobs(logprobs, targets, ks)):
+            results[i].prompt_logprobs.append(entry)
+
+    def _fill_samples(self, results: list[ChunkResult], logits: torch.Tensor,
+                      row_owner: list[tuple[int, int | None]]) -> None:
+        picks = [(r, i) for r, (i, p) in enumerate(row_owner) if p is None]
+        if not picks:
+            return
+        sampled = self.sampler(logits[[r for r, _ in picks]], [results[i].chunk.request for _, i in picks])
+        for (_, i), token, lp in zip(picks, sampled.token_ids, sampled.logprobs):
+            results[i].token_id, results[i].logprob = token, lp
+
+
+def _prompt_logprob_positions(chunk: ScheduledChunk) -> range:
+    """Positions p in this chunk whose logits score prompt token p + 1 and are still owed."""
+    r = chunk.request
+    if not r.wants_prompt_logprobs():
+        return range(0)
+    return range(max(chunk.start, r.next_prompt_logprob_pos - 1), min(chunk.end, r.prompt_len - 1))

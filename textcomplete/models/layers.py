@@ -1,0 +1,135 @@
+"""Layers shared by the architectures: norms, rotary embedding and attention over the paged KV cache.
+
+Tensors are flat over tokens: a step's tokens from all requests are one [num_tokens, ...] batch,
+and `AttentionMetadata` (built by the model runner) says which cache slots each token reads and writes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSpan:
+    """Queries [q_start, q_end) of one request attend to the cache slots `key_slots` under `mask`."""
+
+    q_start: int
+    q_end: int
+    key_slots: torch.Tensor            # [num_keys] long
+    mask: torch.Tensor | None          # [q_len, num_keys] bool, None when plainly causal and square
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a step writes its K/V and which keys each query reads.
+
+    The first `num_decode_tokens` tokens are single-token chunks (one per request) batched together;
+    the rest are prefill spans attended one request at a time.
+    """
+
+    slot_mapping: torch.Tensor                       # [num_tokens] long
+    num_decode_tokens: int = 0
+    decode_key_slots: torch.Tensor | None = None     # [num_decode, max_keys] long
+    decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half ("neox") rotary embedding over the first `rotary_dim` dims of each head."""
+
+    def __init__(self, rotary_dim: int, max_positions: int, base: float, scaling: dict | None) -> None:
+        super().__init__()
+        # Built on the CPU even when the model is constructed on the meta device; moved on first use.
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+        inv_freq = 1.0 / (base ** exponents)
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind != "default":
+            raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+        self.rotary_dim = rotary_dim
+        self.max_positions = max_positions
+        self.inv_freq = inv_freq   # a plain attribute, not a buffer: never part of a checkpoint
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [num_tokens, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim]."""
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        half = rot // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return torch.cat((out, x_pass), dim=-1) if x_pass.numel() else out
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention whose keys and values live in the paged KV cache.
+
+    The model runner assigns `k_cache` and `v_cache` ([num_slots, num_kv_heads, head_dim]) before use.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        n = meta.num_decode_tokens
+        if n:
+            keys = self.k_cache[meta.decode_key_slots].transpose(1, 2)   # [n, kv_heads, max_keys, dim]
+            values = self.v_cache[meta.decode_key_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:n].unsqueeze(2), keys, values,
+                                               attn_mask=meta.decode_key_mask, enable_gqa=True)
+            out[:n] = o.squeeze(2)
+        for span in meta.prefills:
+            keys = self.k_cache[span.key_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, dim]
+            values = self.v_cache[span.key_slots].transpose(0, 1).unsqueeze(0)
+            queries = q[span.q_start:span.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask,
+                                               is_causal=span.mask is None, enable_gqa=True)
+            out[span.q_start:span.q_end] = o.squeeze(0).transpose(0, 1)
+        return out

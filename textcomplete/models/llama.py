@@ -1,0 +1,138 @@
+"""The Llama architecture (Llama 2/3, Mistral, SmolLM), with switches its close relatives reuse.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM`, so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
+from textcomplete.models.spec import ModelSpec
+
+
+def rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either the classic keys or transformers' newer `rope_parameters`."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    return float(theta), scaling
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+        super().__init__()
+        qkv_bias, o_bias = biases
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        hidden = cfg["hidden_size"]
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+            self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+        self.qk_norm = qk_norm
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = RotaryEmbedding.apply(q, *cos_sin), RotaryEmbedding.apply(k, *cos_sin)
+        return self.o_proj(self.attn(q, k, v, meta).view(t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+        super().__init__()
+        hidden, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = LlamaAttention(spec, cfg, biases, qk_norm)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = LlamaMLP(hidden, cfg["intermediate_size"], cfg.get("mlp_bias", False))
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, cfg, biases, qk_norm)
+                                    for _ in range(spec.num_layers))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer: RMSNorm, rotary attention with grouped K/V heads, SwiGLU MLP."""
+
+    qk_norm = False
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.spec = self.spec_from_config(cfg)
+        self.model = LlamaModel(self.spec, cfg, self.biases(cfg), self.qk_norm)
+        self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        theta, scaling = rope_settings(cfg)
+        rotary_dim = int(self.spec.head_dim * cfg.get("partial_rotary_factor", 1.0))
+        self.rotary = RotaryEmbedding(rotary_dim, self.spec.max_position_embeddings, theta, scaling)
+
+    @classmethod
+    def spec_from_config(cls, cfg: dict) -> ModelSpec:
+        heads = cfg["num_attention_heads"]
+        return ModelSpec(
+            num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+
+    @staticmethod
+    def biases(cfg: dict) -> tuple[bool, bool]:
+        """(q/k/v projections have a bias, the output projection has one)."""
+        bias = bool(cfg.get("attention_bias", False))
+        return bias, bias
+
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters a checkpoint may omit, and the parameter that then stands in for each."""
+        return {"lm_head.weight": "model.embed_tokens.weight"}
+
+    @staticmethod
+    def checkpoint_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """Map one checkpoint tensor to this module's naming and layout; None to skip it."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return None            # recomputed, and some old checkpoints carry it
+        return name, tensor
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos_sin, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> float32 logits [n, vocab]."""
+        return self.lm_head(hidden).float()

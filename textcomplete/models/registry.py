@@ -1,0 +1,48 @@
+"""Which module implements which architecture: one registry, one file per architecture.
+
+Keys are Hugging Face `architectures` names; GGUF `general.architecture` values map onto them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("textcomplete.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("textcomplete.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("textcomplete.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("textcomplete.models.qwen3", "Qwen3ForCausalLM"),
+    "GPT2LMHeadModel": ("textcomplete.models.gpt2", "GPT2LMHeadModel"),
+}
+
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+def architecture_of(config: dict) -> str:
+    names = config.get("architectures") or []
+    if not names and config.get("model_type") in _MODEL_TYPES:
+        names = [_MODEL_TYPES[config["model_type"]]]
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise ValueError(f"unsupported model architecture {names or config.get('model_type')!r}; "
+                     f"supported: {', '.join(sorted(ARCHITECTURES))}")
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unsupported model architecture {architecture!r}; "
+                         f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    module, name = ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(module), name)
