@@ -15,9 +15,11 @@ VOCAB = 384
 EOS_ID = 1
 
 
-def _config(arch: str):
+def _config(arch: str, **overrides):
     import transformers as tf
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=EOS_ID, initializer_range=0.2)
+    if overrides:
+        return {"llama": tf.LlamaConfig}[arch](max_position_embeddings=512, **common, **overrides)
     if arch == "llama":
         return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -47,11 +49,11 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def make_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+def make_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """Build, randomly initialise and save a tiny `arch` model (float32) into `directory`."""
     import transformers as tf
     torch.manual_seed(seed)
-    config = _config(arch)
+    config = _config(arch, **overrides)
     cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
            "gpt2": tf.GPT2LMHeadModel}[arch]
     model = cls(config).to(torch.float32)

@@ -74,7 +74,7 @@ class Tokenizer:
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         vocab = {token: i for i, token in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
         backend.decoder = decoders.ByteLevel()

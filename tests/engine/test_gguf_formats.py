@@ -1,0 +1,52 @@
+"""The GGUF loader: every supported tensor type decodes to the weights written, in Hugging Face layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from tests.tiny_gguf import write_llama_gguf
+from tests.tiny_models import make_tiny_model
+from textcomplete.config import EngineConfig
+from textcomplete.engine.engine import LLMEngine
+from textcomplete.engine.sampling_params import SamplingParams
+from textcomplete.models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_256(tmp_path_factory):
+    # Rows of 256 values: the block size of the K-quants.
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama256"), hidden_size=256, intermediate_size=512,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
+                                   QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_gguf_tensor_types_load_as_written(tiny_llama_256, tmp_path, qtype):
+    expected = write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", qtype)
+    loaded = load_model(str(tmp_path / "m.gguf"))
+    params = dict(loaded.model.named_parameters())
+    assert set(params) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(params[name], want, rtol=0, atol=0, msg=name)
+
+
+def test_gguf_f32_gives_the_same_logprobs_as_the_hf_checkpoint(tiny_llama_256, tmp_path):
+    write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", QType.F32)
+    ids = list(range(5, 60))
+    results = []
+    for source in (tiny_llama_256, tmp_path / "m.gguf"):
+        engine = LLMEngine(EngineConfig(model=str(source), kv_cache_memory=8 << 20))
+        [outs] = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))
+        results.append([e.logprob for o in outs for e in o.prompt_logprobs])
+    assert results[0] == pytest.approx(results[1], abs=1e-5)
+
+
+def test_gguf_tokenizer_from_metadata(tiny_llama_256, tmp_path):
+    write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", QType.F32)
+    tok = load_model(str(tmp_path / "m.gguf")).tokenizer
+    assert tok.eos_token_ids == (1,) and tok.bos_token_id == 0
+    ids = tok.encode("hi </s>")
+    assert ids[-1] == 1 and tok.decode(ids) == "hi </s>"

@@ -1,0 +1,105 @@
+"""The `textcomplete` command line: generate text and benchmark the engine.
+
+Engine options come from `EngineConfig`'s fields, so the help text is the config's own documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import platform
+import sys
+
+from textcomplete import __version__
+from textcomplete.config import EngineConfig, parse_size
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = parse_size if f.name == "kv_cache_memory" else (str if f.type in ("str", str) else int)
+        default = f.default
+        group.add_argument(flag, type=kind, default=default,
+                           help=f"{f.metadata['help']} (default: {_show_default(f.name, default)})")
+
+
+def _show_default(name: str, value: object) -> str:
+    if name == "kv_cache_memory":
+        return f"{value / (1 << 30):g}GiB"
+    return str(value)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from textcomplete.engine.engine import LLMEngine
+    from textcomplete.engine.sampling_params import SamplingParams
+    engine = LLMEngine(_engine_config(args))
+    prompt_ids = engine.tokenizer.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed_request)
+    [outputs] = engine.generate([prompt_ids], params)
+    generated = [t for out in outputs for t in out.new_token_ids]
+    print(args.prompt + engine.tokenizer.decode(generated, skip_special_tokens=True))
+    print(f"[{len(prompt_ids)} prompt tokens, {len(generated)} generated, finish: {outputs[-1].finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from textcomplete.bench import engine_bench
+    from textcomplete.engine.engine import LLMEngine
+    engine = LLMEngine(_engine_config(args))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    results = engine_bench.run(engine, batches, args.decode_steps, args.prompt_len)
+    print(f"model {engine.loaded.name} ({engine.loaded.architecture}, {engine.loaded.dtype}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(engine_bench.format_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textcomplete", description="The OpenAI Completions API on open models.")
+    parser.add_argument("--version", action="version", version=f"textcomplete {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="Complete one prompt from the command line.",
+                              description="Load the model, complete one prompt and print the text.")
+    gen.add_argument("--prompt", required=True, help="The text to complete.")
+    gen.add_argument("--max-tokens", type=int, default=32, help="Most tokens to generate (default: 32).")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0).")
+    gen.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default: 1).")
+    gen.add_argument("--seed-request", type=int, default=None, help="Seed of this request's sampling.")
+    _add_engine_options(gen)
+    gen.set_defaults(handler=_cmd_generate)
+
+    bench = commands.add_parser("bench-engine", help="Measure the engine's decode and prefill throughput.",
+                                description="Decode tokens/s at several batch sizes and the prefill tokens/s "
+                                            "of one long prompt, measured in-process.")
+    bench.add_argument("--batch-sizes", default="1,16", help="Comma-separated decode batch sizes (default: 1,16).")
+    bench.add_argument("--decode-steps", type=int, default=64, help="Decode steps timed per batch size (default: 64).")
+    bench.add_argument("--prompt-len", type=int, default=512, help="Prefill prompt length (default: 512).")
+    _add_engine_options(bench)
+    bench.set_defaults(handler=_cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"textcomplete: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

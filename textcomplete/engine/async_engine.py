@@ -1,0 +1,129 @@
+"""The async interface the API layer uses: submit a request, iterate its outputs, abort it.
+
+One background thread runs the engine loop and owns all engine state; callers talk to it through a
+command queue, and each request's outputs come back on its own asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from textcomplete.engine.engine import LLMEngine
+from textcomplete.engine.outputs import RequestOutput
+from textcomplete.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Add] = {}     # touched only by the engine thread
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; leaving early aborts the request.
+
+        Raises ValueError (before any output) if the engine refuses the request.
+        """
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt_token_ids, params, asyncio.get_running_loop(), outputs))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            # Block for a command only when there is nothing to compute.
+            if not self._drain_commands(block=not self.engine.has_unfinished_requests()):
+                return
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; False when told to stop."""
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command is None:
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                out = self.engine.abort_request(command.request_id)
+                if out is not None:
+                    self._deliver(out)
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+        except ValueError as exc:
+            command.loop.call_soon_threadsafe(command.outputs.put_nowait, exc)
+            return
+        self._streams[command.request_id] = command
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:   # noqa: BLE001 - fail the running requests, keep the loop alive
+            log.exception("engine step failed; aborting the requests it held")
+            for request_id in list(self._streams):
+                self.engine.abort_request(request_id)
+                stream = self._streams.pop(request_id)
+                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, RuntimeError(f"engine error: {exc}"))
+            return
+        for out in outputs:
+            self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
