@@ -64,11 +64,44 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from textcomplete.api.server import build_app
+    from textcomplete.api.serving import CompletionService, system_fingerprint
+    from textcomplete.engine.async_engine import AsyncEngine
+    from textcomplete.engine.engine import LLMEngine
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
+    engine = LLMEngine(_engine_config(args))
+    names = list(dict.fromkeys([args.served_model_name or engine.config.model, engine.config.model]))
+    service = CompletionService(AsyncEngine(engine), names, system_fingerprint(engine))
+    logging.getLogger("textcomplete").info("serving %s on http://%s:%d/v1 (%s)", names[0], args.host, args.port,
+                                           "API keys required" if keys else "no API key required")
+    uvicorn.run(build_app(service, keys), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textcomplete", description="The OpenAI Completions API on open models.")
     parser.add_argument("--version", action="version", version=f"textcomplete {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="Serve the OpenAI Completions API.",
+                                description="Serve POST /v1/completions and GET /v1/models for one model.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000).")
+    serve.add_argument("--api-key", action="append", metavar="KEY",
+                       help="A key clients must send as 'Authorization: Bearer KEY'; repeat for several. Also "
+                            "read, comma-separated, from TEXTCOMPLETE_API_KEYS. With none, the server is open.")
+    serve.add_argument("--served-model-name", default=None,
+                       help="The model id clients use (default: the --model value).")
+    _add_engine_options(serve)
+    serve.set_defaults(handler=_cmd_serve)
 
     gen = commands.add_parser("generate", help="Complete one prompt from the command line.",
                               description="Load the model, complete one prompt and print the text.")

@@ -1,0 +1,300 @@
+"""OpenAI completion semantics without HTTP: prompts x n -> engine requests -> Completion objects and chunks.
+
+Owns prompt tokenizing, the context check (R23), best_of ranking, echo, the logprobs object with
+text offsets (R34-R39), stop sequences, usage, and the stream chunk sequence (R42s-R44s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from textcomplete.api.errors import APIError, invalid, model_not_found
+from textcomplete.api.protocol import CompletionRequest
+from textcomplete.api.text import ChoiceText
+from textcomplete.engine.async_engine import AsyncEngine
+from textcomplete.engine.outputs import TokenLogprob
+from textcomplete.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Prompt:
+    index: int
+    token_ids: list[int]
+    text: str                      # what echo shows: the string as given, or the ids decoded
+
+
+@dataclass
+class Candidate:
+    """One generated sequence for one prompt (best_of of them per prompt; n are returned)."""
+
+    prompt: Prompt
+    text: ChoiceText
+    engine_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)         # per generated token
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt positions 1..
+    finish_reason: str | None = None
+    num_generated: int = 0
+    index: int = 0                 # the choice index once chosen
+    sent_chars: int = 0            # streaming: text and tokens already sent
+    sent_tokens: int = 0
+    sent_echo: bool = False
+    sent_final: bool = False
+
+    def mean_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+class CompletionService:
+    def __init__(self, engine: AsyncEngine, model_names: list[str], fingerprint: str) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_names = model_names
+        self.fingerprint = fingerprint
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.loaded.spec.vocab_size
+
+    # ----- preparing -----------------------------------------------------------------------------
+
+    def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+        prompts = []
+        for i, p in enumerate(req.prompts):
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p) or list(self.tokenizer.eos_token_ids[:1])
+                prompts.append(Prompt(i, ids, p))
+            else:
+                bad = next((t for t in p if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise invalid(f"Invalid token id {bad} in 'prompt': the vocabulary has ids 0 to "
+                                  f"{self.vocab_size - 1}.", param="prompt", code="invalid_value")
+                prompts.append(Prompt(i, p, self.tokenizer.decode(p)))
+        for p in prompts:
+            wanted = len(p.token_ids) + (req.max_tokens or 0)
+            if wanted > self.max_model_len:
+                raise invalid(f"This model's maximum context length is {self.max_model_len} tokens, however you "
+                              f"requested {wanted} tokens ({len(p.token_ids)} in your prompt; {req.max_tokens or 0} "
+                              f"for the completion). Please reduce your prompt; or completion length.")
+        return prompts
+
+    def _params(self, req: CompletionRequest, candidate: int) -> SamplingParams:
+        bad = next((t for t in req.logit_bias if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"Invalid key in 'logit_bias': token id {bad} is not in the vocabulary "
+                          f"(0 to {self.vocab_size - 1}).", param="logit_bias", code="invalid_value")
+        ranking = req.best_of > req.n
+        return SamplingParams(
+            max_tokens=req.max_tokens, temperature=req.temperature, top_p=max(req.top_p, 1e-9),
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias, seed=None if req.seed is None else req.seed + candidate,
+            logprobs=req.logprobs if req.logprobs is not None else (0 if ranking else None),
+            prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            raise model_not_found(model)
+
+    def _candidates(self, req: CompletionRequest) -> tuple[list[Candidate], list[SamplingParams]]:
+        if req.suffix is not None:
+            raise invalid("This model cannot insert text: 'suffix' is not supported.", param="suffix",
+                          code="unsupported_parameter")
+        self.check_model(req.model)
+        prompts = self._prompts(req)
+        base = uuid.uuid4().hex
+        cands, params = [], []
+        for p in prompts:
+            for j in range(req.best_of):
+                cands.append(Candidate(p, ChoiceText(self.tokenizer, req.stop), f"{base}-{p.index}-{j}",
+                                       index=p.index * req.n + j))
+                params.append(self._params(req, j))
+        return cands, params
+
+    # ----- running -------------------------------------------------------------------------------
+
+    async def _run(self, cand: Candidate, params: SamplingParams, on_update=None) -> None:
+        """Drive one candidate to its end, feeding its text; stops early on a stop sequence."""
+        try:
+            stream = self.engine.generate(cand.engine_id, cand.prompt.token_ids, params)
+            async for out in stream:
+                cand.prompt_logprobs.extend(out.prompt_logprobs)
+                cand.logprobs.extend(out.logprobs)
+                cand.num_generated += len(out.new_token_ids)
+                cand.text.add(out.new_token_ids)
+                if cand.text.stopped_at is not None:
+                    cand.finish_reason = "stop"
+                elif out.finished:
+                    cand.finish_reason = "length" if out.finish_reason == "length" else "stop"
+                if on_update is not None:
+                    on_update(cand)
+                if cand.finish_reason is not None:
+                    break
+            await stream.aclose()
+        except ValueError as exc:   # the engine refused it: a request that can never run
+            raise invalid(str(exc)) from exc
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        cands, params = self._candidates(req)
+        await _gather_all(self._run(c, p) for c, p in zip(cands, params))
+        chosen = self._choose(req, cands)
+        choices = [self._choice(req, c, (0, c.text.releasable(True)), (0, c.text.tokens_before(
+            len(c.text.final_text), True)), final=True, with_echo=req.echo) for c in chosen]
+        body = self._envelope(req, _new_id(), int(time.time()), choices)
+        body["usage"] = self._usage(cands)
+        return body
+
+    def _choose(self, req: CompletionRequest, cands: list[Candidate]) -> list[Candidate]:
+        """Per prompt, the n candidates with the highest mean token log-probability, in rank order."""
+        if req.best_of == req.n:
+            return cands
+        chosen = []
+        for start in range(0, len(cands), req.best_of):
+            group = sorted(cands[start:start + req.best_of], key=Candidate.mean_logprob, reverse=True)[:req.n]
+            for j, c in enumerate(group):
+                c.index = c.prompt.index * req.n + j
+                chosen.append(c)
+        return chosen
+
+    async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        """Validate first (errors raise here, before any chunk), then return the chunk iterator."""
+        cands, params = self._candidates(req)
+        return self._chunks(req, cands, params)
+
+    async def _chunks(self, req: CompletionRequest, cands: list[Candidate],
+                      params: list[SamplingParams]) -> AsyncIterator[dict]:
+        completion_id, created = _new_id(), int(time.time())
+        updates: asyncio.Queue = asyncio.Queue()
+
+        async def run(cand: Candidate, p: SamplingParams) -> None:
+            try:
+                await self._run(cand, p, updates.put_nowait)
+                updates.put_nowait(_DONE)
+            except BaseException as exc:   # noqa: BLE001 - handed to the consumer, which re-raises
+                updates.put_nowait(exc)
+                raise
+
+        tasks = [asyncio.create_task(run(c, p)) for c, p in zip(cands, params)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await updates.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _DONE:
+                    remaining -= 1
+                    continue
+                chunk = self._delta(req, item)
+                if chunk is not None:
+                    yield self._stream_envelope(req, completion_id, created, [chunk])
+            if req.include_usage:
+                body = self._envelope(req, completion_id, created, [])
+                body["usage"] = self._usage(cands)
+                yield body
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _delta(self, req: CompletionRequest, cand: Candidate) -> dict | None:
+        """The next chunk of one choice: the text and tokens released since the last one, if any."""
+        finished = cand.finish_reason is not None
+        if cand.sent_final:
+            return None
+        echo_now = req.echo and not cand.sent_echo
+        if echo_now and req.logprobs is not None and not finished and \
+                len(cand.prompt_logprobs) < len(cand.prompt.token_ids) - 1:
+            return None   # the echoed prompt goes out once all its logprobs are in
+        chars = cand.text.releasable(finished)
+        tokens = cand.text.tokens_before(chars, finished)
+        if chars == cand.sent_chars and tokens == cand.sent_tokens and not finished and not echo_now:
+            return None
+        choice = self._choice(req, cand, (cand.sent_chars, chars), (cand.sent_tokens, tokens), finished, echo_now)
+        cand.sent_echo, cand.sent_chars, cand.sent_tokens, cand.sent_final = True, chars, tokens, finished
+        return choice
+
+    # ----- building responses ------------------------------------------------------------------------
+
+    def _choice(self, req: CompletionRequest, cand: Candidate, chars: tuple[int, int], tokens: tuple[int, int],
+                final: bool, with_echo: bool) -> dict:
+        """A choice object over generated characters [chars) and tokens [tokens), the prompt first if echoing."""
+        text = cand.text.final_text[chars[0]:chars[1]]
+        if with_echo:
+            text = cand.prompt.text + text
+        logprobs = self._logprobs(req, cand, *tokens, with_echo) if req.logprobs is not None else None
+        return {"text": text, "index": cand.index, "logprobs": logprobs,
+                "finish_reason": cand.finish_reason if final else None}
+
+    def _logprobs(self, req: CompletionRequest, cand: Candidate, first: int, last: int, with_echo: bool) -> dict:
+        k = req.logprobs
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        prompt_len = len(cand.prompt.text)
+        if with_echo:
+            position = 0
+            for i, token_id in enumerate(cand.prompt.token_ids):
+                piece = self.tokenizer.decode([token_id])
+                tokens.append(piece)
+                offsets.append(min(position, prompt_len))
+                position += len(piece)
+                entry = cand.prompt_logprobs[i - 1] if 0 < i <= len(cand.prompt_logprobs) else None
+                token_logprobs.append(entry.logprob if entry else None)
+                top.append(self._top(entry, k) if entry else None)
+        for i in range(first, last):
+            entry = cand.logprobs[i]
+            tokens.append(self.tokenizer.decode([entry.token_id]))
+            token_logprobs.append(entry.logprob)
+            top.append(self._top(entry, k))
+            offsets.append(prompt_len + cand.text.token_starts[i])
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _top(self, entry: TokenLogprob, k: int) -> dict[str, float]:
+        top = {self.tokenizer.decode([t]): lp for t, lp in entry.top[:k]}
+        top.setdefault(self.tokenizer.decode([entry.token_id]), entry.logprob)
+        return top
+
+    def _usage(self, cands: list[Candidate]) -> dict:
+        prompt_tokens = sum(len(c.prompt.token_ids) for c in {id(c.prompt): c for c in cands}.values())
+        completion_tokens = sum(c.num_generated for c in cands)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _envelope(self, req: CompletionRequest, completion_id: str, created: int, choices: list[dict]) -> dict:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": req.model,
+                "system_fingerprint": self.fingerprint, "choices": sorted(choices, key=lambda c: c["index"])}
+
+    def _stream_envelope(self, req, completion_id, created, choices) -> dict:
+        body = self._envelope(req, completion_id, created, choices)
+        if req.include_usage:
+            body["usage"] = None
+        if req.include_obfuscation:
+            body["obfuscation"] = secrets.token_urlsafe(8)
+        return body
+
+
+def system_fingerprint(engine) -> str:
+    """A short id of what determines outputs: weights file, dtype, engine version and numerics settings."""
+    import hashlib
+
+    from textcomplete import __version__
+    loaded, config = engine.loaded, engine.config
+    stat = loaded.path.stat()
+    parts = [__version__, str(loaded.path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), str(loaded.dtype),
+             str(loaded.device.type), str(config.block_size), str(config.max_num_batched_tokens), str(config.seed)]
+    return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
+
+
+_DONE = object()   # a candidate's end, on the stream's update queue
+
+
+def _new_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+async def _gather_all(coroutines) -> None:
+    """Run all; on the first failure cancel the rest (their engine requests are aborted) and re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
