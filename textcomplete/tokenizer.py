@@ -20,12 +20,23 @@ _PRE_PATTERNS = {"llama-bpe": _LLAMA3_PATTERN, "llama3": _LLAMA3_PATTERN, "smaug
 _CONTROL_TOKEN_TYPES = (3, 4)   # GGUF token types CONTROL and USER_DEFINED: never split by BPE
 
 
+END_OF_TEXT = "<|endoftext|>"
+
+
 class Tokenizer:
-    """Encodes text to ids and back; `eos_token_ids` are the ids that end a generation."""
+    """Encodes text to ids and back; `eos_token_ids` are the ids that end a generation.
+
+    Besides the model's own end token (first), a special `<|endoftext|>` token also ends a generation:
+    in a completions API it marks the end of the document whatever the chat turn token is.
+    """
 
     def __init__(self, backend: HFTokenizer, bos_token_id: int | None, eos_token_ids: tuple[int, ...]) -> None:
         self.backend = backend
         self.bos_token_id = bos_token_id
+        end_of_text = backend.token_to_id(END_OF_TEXT)
+        if end_of_text is not None and any(t.content == END_OF_TEXT and t.special
+                                           for t in backend.get_added_tokens_decoder().values()):
+            eos_token_ids = tuple(dict.fromkeys((*eos_token_ids, end_of_text)))
         self.eos_token_ids = eos_token_ids
 
     @property

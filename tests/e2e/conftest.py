@@ -1,0 +1,102 @@
+"""End-to-end fixtures: a real `textcomplete serve` subprocess on 127.0.0.1, and the contract's JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SPEC_DIR = Path(__file__).resolve().parents[3] / "shared" / "spec"
+SCHEMA_PATH = Path(os.environ.get("TEXTCOMPLETE_SCHEMA", SPEC_DIR / "openai-completions-schema.json"))
+MODEL = "SmolLM2-135M-Instruct"
+CONTEXT = 1024   # a short context keeps the context-limit tests fast on a CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `textcomplete serve` process; stopped by its process id."""
+
+    def __init__(self, *extra: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(f"/tmp/textcomplete-e2e-{self.port}.log", "w")
+        cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "warning", "serve", "--port",
+               str(self.port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {open(self.log.name).read()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server):
+    with httpx.Client(base_url=server.base, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def schema():
+    if not SCHEMA_PATH.exists():
+        pytest.skip(f"the contract's schema is not at {SCHEMA_PATH}")
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.fixture(scope="session")
+def validate(schema):
+    """validate(kind, obj): kind is 'response', 'chunk', 'error', 'model' or 'models'."""
+    from jsonschema import Draft202012Validator
+    names = {"response": "CreateCompletionResponseStrict", "chunk": "CreateCompletionStreamChunk",
+             "error": "ErrorResponse", "model": "Model", "models": "ListModelsResponse"}
+    validators = {k: Draft202012Validator(schema["$defs"][v]) for k, v in names.items()}
+
+    def check(kind: str, obj) -> None:
+        validators[kind].validate(obj)
+    return check

@@ -1,0 +1,82 @@
+"""Small helpers for driving the server over raw HTTP: JSON posts and SSE parsing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def body(**fields) -> dict:
+    return {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, **fields}
+
+
+def post(http: httpx.Client, payload, **kw) -> httpx.Response:
+    if isinstance(payload, (dict, list)) or payload is None:
+        return http.post("/v1/completions", json=payload, **kw)
+    return http.post("/v1/completions", content=payload, headers={"content-type": "application/json"}, **kw)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The data fields of each event, in order (the raw strings, '[DONE]' included)."""
+    events, data = [], []
+    for line in response.text.splitlines():
+        if line == "":
+            if data:
+                events.append("\n".join(data))
+                data = []
+            continue
+        assert line.startswith("data: "), f"unexpected SSE line {line!r}"
+        data.append(line[len("data: "):])
+    assert not data, "the stream did not end with a blank line"
+    return events
+
+
+def stream_chunks(http: httpx.Client, payload: dict) -> list[dict]:
+    r = post(http, payload)
+    assert r.status_code == 200, r.text
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def joined_texts(chunks: list[dict]) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    return texts
+
+
+def assert_error(r: httpx.Response, status: int, param=..., code=...) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not ...:
+        assert err["param"] == param, err
+    if code is not ...:
+        assert err["code"] == code, err
+    return err
+
+
+def raw_request(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """Send bytes as they are (for headers that HTTP libraries refuse to send); returns status, headers, body."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload
+
+
+def raw_post(port: int, payload: bytes, extra_headers: str = "") -> tuple[int, dict, bytes]:
+    return raw_request(port, (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                              f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                              f"{extra_headers}\r\n").encode() + payload)
