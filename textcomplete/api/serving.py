@@ -55,8 +55,8 @@ class CompletionService:
         self.tokenizer = engine.tokenizer
         self.model_names = model_names
         self.fingerprint = fingerprint
-        self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.loaded.spec.vocab_size
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
 
     # ----- preparing -----------------------------------------------------------------------------
 
@@ -110,6 +110,10 @@ class CompletionService:
                 cands.append(Candidate(p, ChoiceText(self.tokenizer, req.stop), f"{base}-{p.index}-{j}",
                                        index=p.index * req.n + j))
                 params.append(self._params(req, j))
+            try:   # refused here, a request fails with a 400 before any stream begins
+                self.engine.check_request(p.token_ids, params[-1])
+            except ValueError as exc:
+                raise invalid(str(exc)) from exc
         return cands, params
 
     # ----- running -------------------------------------------------------------------------------

@@ -65,12 +65,13 @@ class LLMEngine:
         """Queue a request; ValueError if it can never run (bad ids, too long, larger than the cache)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_fits(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params)
         request = Request(request_id, prompt_token_ids, params, next(self._arrivals))
         self.requests[request_id] = request
         self.scheduler.add(request)
 
-    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError if the request can never run. Reads only fixed settings, so any thread may call it."""
         vocab = self.loaded.spec.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
