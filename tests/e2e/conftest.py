@@ -85,7 +85,7 @@ def http(server):
 @pytest.fixture(scope="session")
 def schema():
     if not SCHEMA_PATH.exists():
-        pytest.skip(f"the contract's schema is not at {SCHEMA_PATH}")
+        pytest.fail(f"the contract's schema is not at {SCHEMA_PATH}: set TEXTCOMPLETE_SCHEMA to its path")
     return json.loads(SCHEMA_PATH.read_text())
 
 
