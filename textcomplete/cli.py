@@ -18,11 +18,15 @@ from textcomplete.config import EngineConfig, parse_size
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
+        name = f.name.removeprefix("enable_")
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {_show_default(f.name, f.default)})"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+            continue
         kind = parse_size if f.name == "kv_cache_memory" else (str if f.type in ("str", str) else int)
-        default = f.default
-        group.add_argument(flag, type=kind, default=default,
-                           help=f"{f.metadata['help']} (default: {_show_default(f.name, default)})")
+        group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
 
 
 def _show_default(name: str, value: object) -> str:
@@ -58,9 +62,12 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     engine = LLMEngine(_engine_config(args))
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results = engine_bench.run(engine, batches, args.decode_steps, args.prompt_len)
+    shared = engine_bench.measure_shared_prefix(engine) if args.shared_prefix else None
     print(f"model {engine.loaded.name} ({engine.loaded.architecture}, {engine.loaded.dtype}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(engine_bench.format_table(results))
+    if shared is not None:
+        print(shared.format())
     return 0
 
 
@@ -70,14 +77,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from textcomplete.api.server import build_app
-    from textcomplete.api.serving import CompletionService, system_fingerprint
+    from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
     from textcomplete.engine.engine import LLMEngine
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
     engine = LLMEngine(_engine_config(args))
     names = list(dict.fromkeys([args.served_model_name or engine.config.model, engine.config.model]))
-    service = CompletionService(AsyncEngine(engine), names, system_fingerprint(engine))
+    service = CompletionService(AsyncEngine(engine), names)
     logging.getLogger("textcomplete").info("serving %s on http://%s:%d/v1 (%s)", names[0], args.host, args.port,
                                            "API keys required" if keys else "no API key required")
     uvicorn.run(build_app(service, keys), host=args.host, port=args.port, log_level=args.log_level,
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,16", help="Comma-separated decode batch sizes (default: 1,16).")
     bench.add_argument("--decode-steps", type=int, default=64, help="Decode steps timed per batch size (default: 64).")
     bench.add_argument("--prompt-len", type=int, default=512, help="Prefill prompt length (default: 512).")
+    bench.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                       help="Also time 32 requests sharing a 512-token prefix, with and without prefix caching.")
     _add_engine_options(bench)
     bench.set_defaults(handler=_cmd_bench_engine)
     return parser

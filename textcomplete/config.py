@@ -44,6 +44,8 @@ class EngineConfig:
         "help": "Token budget of one engine step; long prompts are prefilled in chunks of at most this."})
     max_num_seqs: int = field(default=64, metadata={
         "help": "Most requests that run in one step."})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "Reuse the KV cache of full blocks shared with earlier prompts (--no-prefix-caching: off)."})
     max_model_len: int | None = field(default=None, metadata={
         "help": "Context length; default: the model's own."})
     seed: int = field(default=0, metadata={

@@ -37,6 +37,7 @@ def test_r55_list_models(http, client, validate):
     data = http.get("/v1/models").json()
     validate("models", data)
     assert [m["id"] for m in data["data"]] == [MODEL]
+    assert data["data"][0]["supports_suffix"] is False   # SmolLM2 has no fill-in-the-middle tokens
     assert [m.id for m in client.models.list()] == [MODEL]
 
 

@@ -72,7 +72,9 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
     tokenizer = service.tokenizer
 
     def model_object(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "textcomplete"}
+        # `supports_suffix` is ours: whether the model can insert (fill in the middle) with `suffix`.
+        return {"id": name, "object": "model", "created": created, "owned_by": "textcomplete",
+                "supports_suffix": service.supports_suffix}
 
     async def completions(request: Request) -> Response:
         req = parse_completion_request(await _json_body(request))

@@ -19,13 +19,19 @@ from textcomplete.api.text import ChoiceText
 from textcomplete.engine.async_engine import AsyncEngine
 from textcomplete.engine.outputs import TokenLogprob
 from textcomplete.engine.sampling_params import SamplingParams
+from textcomplete.fim import detect_fim
 
 
 @dataclass
 class Prompt:
     index: int
-    token_ids: list[int]
+    token_ids: list[int]           # what the engine receives
     text: str                      # what echo shows: the string as given, or the ids decoded
+    echo_span: tuple[int, int] | None = None   # the caller's own tokens within token_ids (None: all)
+
+    @property
+    def echoed_positions(self) -> range:
+        return range(*self.echo_span) if self.echo_span else range(len(self.token_ids))
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Candidate:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt positions 1..
     finish_reason: str | None = None
     num_generated: int = 0
+    num_cached_tokens: int = 0     # prompt tokens the engine served from its prefix cache
     index: int = 0                 # the choice index once chosen
     sent_chars: int = 0            # streaming: text and tokens already sent
     sent_tokens: int = 0
@@ -50,28 +57,42 @@ class Candidate:
 
 
 class CompletionService:
-    def __init__(self, engine: AsyncEngine, model_names: list[str], fingerprint: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_names: list[str]) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_names = model_names
-        self.fingerprint = fingerprint
+        self.fingerprint = engine.fingerprint
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
+        self.fim = detect_fim(self.tokenizer)
+
+    @property
+    def supports_suffix(self) -> bool:
+        return self.fim is not None
 
     # ----- preparing -----------------------------------------------------------------------------
 
     def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+        if req.suffix is not None and self.fim is None:
+            raise invalid(f"The model `{req.model}` cannot insert text: its tokenizer has no fill-in-the-middle "
+                          "tokens, so 'suffix' is not supported.", param="suffix", code="unsupported_parameter")
         prompts = []
         for i, p in enumerate(req.prompts):
             if isinstance(p, str):
-                ids = self.tokenizer.encode(p) or list(self.tokenizer.eos_token_ids[:1])
-                prompts.append(Prompt(i, ids, p))
+                ids = self.tokenizer.encode(p, add_special_tokens=req.suffix is None)
+                if not ids and req.suffix is None:
+                    ids = list(self.tokenizer.eos_token_ids[:1])
+                prompt = Prompt(i, ids, p)
             else:
                 bad = next((t for t in p if not 0 <= t < self.vocab_size), None)
                 if bad is not None:
                     raise invalid(f"Invalid token id {bad} in 'prompt': the vocabulary has ids 0 to "
                                   f"{self.vocab_size - 1}.", param="prompt", code="invalid_value")
-                prompts.append(Prompt(i, p, self.tokenizer.decode(p)))
+                prompt = Prompt(i, p, self.tokenizer.decode(p))
+            if req.suffix is not None:
+                fim = self.fim.build(prompt.token_ids, self.tokenizer.encode(req.suffix, add_special_tokens=False))
+                prompt = Prompt(i, fim.token_ids, prompt.text, fim.prefix_span)
+            prompts.append(prompt)
         for p in prompts:
             wanted = len(p.token_ids) + (req.max_tokens or 0)
             if wanted > self.max_model_len:
@@ -90,6 +111,7 @@ class CompletionService:
             max_tokens=req.max_tokens, temperature=req.temperature, top_p=max(req.top_p, 1e-9),
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             logit_bias=req.logit_bias, seed=None if req.seed is None else req.seed + candidate,
+            stop_token_ids=self.fim.stop_token_ids if req.suffix is not None else (),
             logprobs=req.logprobs if req.logprobs is not None else (0 if ranking else None),
             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
 
@@ -98,9 +120,6 @@ class CompletionService:
             raise model_not_found(model)
 
     def _candidates(self, req: CompletionRequest) -> tuple[list[Candidate], list[SamplingParams]]:
-        if req.suffix is not None:
-            raise invalid("This model cannot insert text: 'suffix' is not supported.", param="suffix",
-                          code="unsupported_parameter")
         self.check_model(req.model)
         prompts = self._prompts(req)
         base = uuid.uuid4().hex
@@ -126,6 +145,7 @@ class CompletionService:
                 cand.prompt_logprobs.extend(out.prompt_logprobs)
                 cand.logprobs.extend(out.logprobs)
                 cand.num_generated += len(out.new_token_ids)
+                cand.num_cached_tokens = out.num_cached_tokens
                 cand.text.add(out.new_token_ids)
                 if cand.text.stopped_at is not None:
                     cand.finish_reason = "stop"
@@ -235,8 +255,8 @@ class CompletionService:
         prompt_len = len(cand.prompt.text)
         if with_echo:
             position = 0
-            for i, token_id in enumerate(cand.prompt.token_ids):
-                piece = self.tokenizer.decode([token_id])
+            for i in cand.prompt.echoed_positions:
+                piece = self.tokenizer.decode([cand.prompt.token_ids[i]])
                 tokens.append(piece)
                 offsets.append(min(position, prompt_len))
                 position += len(piece)
@@ -257,10 +277,16 @@ class CompletionService:
         return top
 
     def _usage(self, cands: list[Candidate]) -> dict:
-        prompt_tokens = sum(len(c.prompt.token_ids) for c in {id(c.prompt): c for c in cands}.values())
+        """Each prompt counted once; a prompt's cached tokens are the most any of its candidates reused."""
+        by_prompt: dict[int, list[Candidate]] = {}
+        for c in cands:
+            by_prompt.setdefault(c.prompt.index, []).append(c)
+        prompt_tokens = sum(len(group[0].prompt.token_ids) for group in by_prompt.values())
+        cached = sum(max(c.num_cached_tokens for c in group) for group in by_prompt.values())
         completion_tokens = sum(c.num_generated for c in cands)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _envelope(self, req: CompletionRequest, completion_id: str, created: int, choices: list[dict]) -> dict:
         return {"id": completion_id, "object": "text_completion", "created": created, "model": req.model,
@@ -273,18 +299,6 @@ class CompletionService:
         if req.include_obfuscation:
             body["obfuscation"] = secrets.token_urlsafe(8)
         return body
-
-
-def system_fingerprint(engine) -> str:
-    """A short id of what determines outputs: weights file, dtype, engine version and numerics settings."""
-    import hashlib
-
-    from textcomplete import __version__
-    loaded, config = engine.loaded, engine.config
-    stat = loaded.path.stat()
-    parts = [__version__, str(loaded.path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), str(loaded.dtype),
-             str(loaded.device.type), str(config.block_size), str(config.max_num_batched_tokens), str(config.seed)]
-    return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
 
 
 _DONE = object()   # a candidate's end, on the stream's update queue

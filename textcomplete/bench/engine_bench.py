@@ -62,6 +62,49 @@ def measure_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
     return BenchResult(f"decode, batch {batch}", batch * steps, seconds)
 
 
+@dataclass(frozen=True)
+class SharedPrefixResult:
+    requests: int
+    prefix_len: int
+    median_ttft_cached: float
+    median_ttft_uncached: float
+
+    def format(self) -> str:
+        ratio = self.median_ttft_uncached / self.median_ttft_cached
+        return (f"shared prefix, {self.requests} requests x {self.prefix_len}-token prefix: median time to first "
+                f"token {self.median_ttft_cached:.3f}s with prefix caching, {self.median_ttft_uncached:.3f}s "
+                f"without ({ratio:.1f}x lower)")
+
+
+def measure_ttft(engine: LLMEngine, prompts: list[list[int]]) -> float:
+    """Submit all prompts at once; the median time until each request's first token."""
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    start = time.perf_counter()
+    ids = [f"ttft-{start}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    first: dict[str, float] = {}
+    with tqdm(total=len(prompts), desc="time to first token", leave=False) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.new_token_ids and out.request_id not in first:
+                    first[out.request_id] = time.perf_counter() - start
+                    bar.update()
+    return statistics.median(first.values())
+
+
+def measure_shared_prefix(engine: LLMEngine, requests: int = 32, prefix_len: int = 512,
+                          suffix_len: int = 16) -> SharedPrefixResult:
+    """32 requests sharing a 512-token prefix with different endings, with and without prefix caching."""
+    prefix = _prompt(engine, prefix_len, 7)
+    prompts = [prefix + _prompt(engine, suffix_len, 5000 + i) for i in range(requests)]
+    cached = measure_ttft(engine, prompts)
+    # A second engine on the same weights; it takes over the model's KV cache tensors, so it runs last.
+    uncached_engine = LLMEngine(engine.config.replace(enable_prefix_caching=False), loaded=engine.loaded)
+    uncached = measure_ttft(uncached_engine, prompts)
+    return SharedPrefixResult(requests, prefix_len, cached, uncached)
+
+
 def run(engine: LLMEngine, batch_sizes: list[int], decode_steps: int, prompt_len: int,
         repeats: int = 3) -> list[BenchResult]:
     measure_decode(engine, 1, 4)   # warm-up: first-call allocations and kernel choices

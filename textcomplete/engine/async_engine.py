@@ -47,6 +47,10 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
@@ -115,7 +119,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
         except ValueError as exc:
-            command.loop.call_soon_threadsafe(command.outputs.put_nowait, exc)
+            _send(command, exc)
             return
         self._streams[command.request_id] = command
 
@@ -126,8 +130,7 @@ class AsyncEngine:
             log.exception("engine step failed; aborting the requests it held")
             for request_id in list(self._streams):
                 self.engine.abort_request(request_id)
-                stream = self._streams.pop(request_id)
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, RuntimeError(f"engine error: {exc}"))
+                _send(self._streams.pop(request_id), RuntimeError(f"engine error: {exc}"))
             return
         for out in outputs:
             self._deliver(out)
@@ -138,4 +141,16 @@ class AsyncEngine:
             return
         if out.finished:
             del self._streams[out.request_id]
-        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+        if not _send(stream, out) and not out.finished:
+            # Nobody can read this request's outputs any more: stop computing them.
+            del self._streams[out.request_id]
+            self.engine.abort_request(out.request_id)
+
+
+def _send(stream: _Add, item: RequestOutput | BaseException) -> bool:
+    """Hand an item to the caller's event loop; False if that loop has closed."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
+    except RuntimeError:
+        return False
+    return True

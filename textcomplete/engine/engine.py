@@ -13,6 +13,7 @@ import torch
 
 from textcomplete.config import EngineConfig
 from textcomplete.engine.block_manager import BlockAllocator
+from textcomplete.engine.fingerprint import system_fingerprint
 from textcomplete.engine.outputs import RequestOutput
 from textcomplete.engine.request import Request
 from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_block
@@ -48,12 +49,13 @@ class LLMEngine:
         spec = loaded.spec
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         num_blocks = config.kv_cache_memory // kv_bytes_per_block(spec, config.block_size, loaded.dtype)
-        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, loaded.dtype,
                                   loaded.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
+        self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, loaded.device, config)
         log.info("KV cache: %d blocks of %d tokens (%d tokens); context %d", num_blocks, config.block_size,
                  num_blocks * config.block_size, self.max_model_len)
 
@@ -110,6 +112,7 @@ class LLMEngine:
         chunk, request = result.chunk, result.chunk.request
         completes = chunk.completes_sequence   # judged before the new token lengthens the sequence
         request.num_computed_tokens = chunk.end
+        self.allocator.cache_full_blocks(request)
         request.next_prompt_logprob_pos += len(result.prompt_logprobs)
         new_tokens = ()
         if result.token_id is not None:
@@ -127,7 +130,7 @@ class LLMEngine:
             logprobs=(result.logprob,) if result.logprob is not None else (),
             prompt_logprobs=tuple(result.prompt_logprobs),
             finished=request.finish_reason is not None, finish_reason=request.finish_reason,
-            num_prompt_tokens=request.prompt_len)
+            num_prompt_tokens=request.prompt_len, num_cached_tokens=request.num_cached_tokens or 0)
 
     def _finish_reason(self, request: Request) -> str | None:
         params = request.params

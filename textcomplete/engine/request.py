@@ -33,6 +33,8 @@ class Request:
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_computed_tokens = 0                 # tokens whose K/V are in the cache
         self.block_table: list[int] = []             # physical KV block ids, in order
+        self.block_hashes: list[int] = []            # chained hashes of the full blocks, in order
+        self.num_cached_tokens: int | None = None    # prompt tokens served from the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0

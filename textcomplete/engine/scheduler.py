@@ -51,6 +51,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []   # sorted by arrival: the newest is preempted first
         self.num_preemptions = 0
+        self.prompt_tokens_looked_up = 0   # for the prefix cache hit rate
+        self.prompt_tokens_cached = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -98,9 +100,15 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            cached = self.allocator.reuse_cached_prefix(request)
             n = min(request.num_uncomputed_tokens, budget)
             if not self.allocator.allocate(request, request.num_computed_tokens + n):
+                self.allocator.free(request)   # give back the cache hits; it is looked up again next time
                 break
+            if request.num_cached_tokens is None:   # the first admission's hits are what is reported
+                request.num_cached_tokens = cached
+                self.prompt_tokens_looked_up += request.prompt_len
+                self.prompt_tokens_cached += min(cached, request.prompt_len)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.arrival)
