@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import platform
 import sys
 
@@ -92,6 +93,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_tokenizer(model: str):
+    from textcomplete.models.gguf_file import GGUFFile
+    from textcomplete.models.loader import resolve_source
+    from textcomplete.tokenizer import Tokenizer
+    path = resolve_source(model)
+    if path.is_file():
+        return Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+    import json
+    return Tokenizer.from_hf_dir(path, json.loads((path / "config.json").read_text()))
+
+
+def _workload_config(args: argparse.Namespace):
+    from textcomplete.bench.workloads import WorkloadConfig
+    return WorkloadConfig(concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                          prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                          scoring_requests=args.scoring_requests,
+                          shared_prefix_requests=args.shared_prefix_requests)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from textcomplete.bench import workloads
+    from textcomplete.bench.loadgen import LoadGenerator
+    config = _workload_config(args)
+    tokenizer = _bench_tokenizer(args.tokenizer_model)
+    if args.compare:
+        return _bench_compare(args, config, tokenizer)
+    gen = LoadGenerator(args.base_url, args.model, api_key=args.api_key)
+    chosen = tuple(w.strip().replace("-", "_") for w in args.workloads.split(","))
+    results = workloads.run(gen, tokenizer, config, args.base_url, workloads=chosen)
+    print(workloads.format_results(results))
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace, config, tokenizer) -> int:
+    import shlex
+    from pathlib import Path
+
+    from textcomplete.bench import compare, report, workloads
+    gguf = compare.default_gguf()
+    logs = Path(args.output).parent / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    roof = compare.roofline(gguf)
+    ours = compare.run_ours(gguf, config, tokenizer, logs, shlex.split(args.serve_args))
+    print(workloads.format_results(ours))
+    peer = compare.run_peer(args.peer_python, gguf, config, tokenizer, logs)
+    print(workloads.format_results(peer))
+    command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "--compare")
+    path = report.write(Path(args.output).parent, ours, peer, roof, compare.environment_lines(args.peer_python),
+                        command.strip(), config, args.note or [])
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textcomplete", description="The OpenAI Completions API on open models.")
     parser.add_argument("--version", action="version", version=f"textcomplete {__version__}")
@@ -120,6 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(gen)
     gen.set_defaults(handler=_cmd_generate)
 
+    load = commands.add_parser(
+        "bench", help="Load-test an OpenAI-compatible completions server, or compare with llama-cpp-python.",
+        description="Streamed requests at a sweep of concurrencies (output tokens/s, requests/s, time to first "
+                    "token and inter-token latency), lm-eval style scoring and a shared-prefix workload, against "
+                    "any server at --base-url; with --compare, against textcomplete and llama-cpp-python's "
+                    "server in turn on the same GGUF file, writing docs/benchmarks.md.")
+    load.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="The server's /v1 URL.")
+    load.add_argument("--model", default="SmolLM2-135M-Instruct", help="Model id to request.")
+    load.add_argument("--api-key", default="bench", help="Bearer key to send.")
+    load.add_argument("--tokenizer-model", default="SmolLM2-135M-Instruct",
+                      help="Model whose tokenizer cuts prompts to exact token counts (default: the default model).")
+    load.add_argument("--workloads", default="single,sweep,scoring,shared-prefix",
+                      help="Which workloads to run (default: all four).")
+    load.add_argument("--concurrency", default="1,4,16,64", help="Concurrency sweep (default: 1,4,16,64).")
+    load.add_argument("--prompt-tokens", type=int, default=128, help="Prompt length (default: 128).")
+    load.add_argument("--output-tokens", type=int, default=128, help="Output length (default: 128).")
+    load.add_argument("--scoring-requests", type=int, default=4, help="Scoring requests of 8 prompts (default: 4).")
+    load.add_argument("--shared-prefix-requests", type=int, default=32,
+                      help="Requests sharing one 512-token prefix (default: 32).")
+    load.add_argument("--compare", action="store_true",
+                      help="Run the workloads against textcomplete and llama-cpp-python, and write the report.")
+    load.add_argument("--peer-python", default=os.path.expanduser("~/.cache/textcomplete-peer-venv/bin/python"),
+                      help="Python of an environment with llama-cpp-python[server] installed.")
+    load.add_argument("--serve-args", default="", help="Extra options for textcomplete serve in --compare.")
+    load.add_argument("--output", default="docs/benchmarks.md", help="Where --compare writes its report.")
+    load.add_argument("--note", action="append", help="A line for the report's notes (repeatable).")
+    load.set_defaults(handler=_cmd_bench)
+
     bench = commands.add_parser("bench-engine", help="Measure the engine's decode and prefill throughput.",
                                 description="Decode tokens/s at several batch sizes and the prefill tokens/s "
                                             "of one long prompt, measured in-process.")
@@ -136,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # one line per request drowns the progress bars
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:

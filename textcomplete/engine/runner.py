@@ -36,8 +36,7 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, seed: int) -> None:
         self.model, self.spec, self.block_size, self.device = model, spec, block_size, device
         self.sampler = Sampler(seed)
-        num_slots = num_blocks * block_size
-        shape = (num_slots, spec.num_kv_heads, spec.head_dim)
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         for attn in (m for m in model.modules() if isinstance(m, PagedAttention)):
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -59,23 +58,27 @@ class ModelRunner:
         decodes = [c for c in chunks if c.num_tokens == 1]
         meta = AttentionMetadata(slot_mapping=self._slots_of(chunks), num_decode_tokens=len(decodes))
         if decodes:
-            meta.decode_key_slots, mask = self._key_slots(decodes)
-            meta.decode_key_mask = mask[:, None, None, :]
+            meta.decode_block_tables = self._block_tables(decodes)
+            ends = torch.tensor([c.end for c in decodes], device=self.device)
+            keys = torch.arange(meta.decode_block_tables.shape[1] * self.block_size, device=self.device)
+            meta.decode_key_mask = (keys[None, :] < ends[:, None])[:, None, None, :]
         offset = len(decodes)
         for c in chunks[len(decodes):]:
-            key_slots, _ = self._key_slots([c])
             mask = None
             if c.start:   # queries at positions start.. see every earlier key: causal, offset
                 q_pos = torch.arange(c.start, c.end, device=self.device)[:, None]
                 mask = torch.arange(c.end, device=self.device)[None, :] <= q_pos
-            meta.prefills.append(PrefillSpan(offset, offset + c.num_tokens, key_slots[0], mask))
+            table = torch.tensor(c.request.block_table[:-(-c.end // self.block_size)], device=self.device)
+            meta.prefills.append(PrefillSpan(offset, offset + c.num_tokens, table, c.end, mask))
             offset += c.num_tokens
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_long(ids), as_long(pos), meta
 
     def _block_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        width = max(len(c.request.block_table) for c in chunks)
-        rows = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in chunks]
+        """The blocks holding positions 0..end-1 of each chunk's request, padded with block 0."""
+        used = [c.request.block_table[:-(-c.end // self.block_size)] for c in chunks]
+        width = max(len(u) for u in used)
+        rows = [u + [0] * (width - len(u)) for u in used]
         return torch.tensor(rows, dtype=torch.long, device=self.device)   # [n, max_blocks]
 
     def _slots_of(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -86,15 +89,6 @@ class ModelRunner:
             p = torch.arange(c.start, c.end, device=self.device)
             parts.append(tables[i, p // self.block_size] * self.block_size + p % self.block_size)
         return torch.cat(parts)
-
-    def _key_slots(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of positions 0..end-1 of each chunk's request, padded: ([n, max_end], valid [n, max_end])."""
-        tables = self._block_tables(chunks)
-        ends = torch.tensor([c.end for c in chunks], device=self.device)
-        p = torch.arange(int(ends.max()), device=self.device)
-        slots = tables[:, p // self.block_size] * self.block_size + p % self.block_size
-        valid = p[None, :] < ends[:, None]
-        return slots.masked_fill(~valid, 0), valid
 
     def _results(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[ChunkResult]:
         results = [ChunkResult(c) for c in chunks]

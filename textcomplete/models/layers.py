@@ -16,11 +16,12 @@ from torch import nn
 
 @dataclass
 class PrefillSpan:
-    """Queries [q_start, q_end) of one request attend to the cache slots `key_slots` under `mask`."""
+    """Queries [q_start, q_end) of one request attend to its first `num_keys` cached positions under `mask`."""
 
     q_start: int
     q_end: int
-    key_slots: torch.Tensor            # [num_keys] long
+    block_table: torch.Tensor          # [num_blocks] long: the blocks holding positions 0..num_keys-1
+    num_keys: int
     mask: torch.Tensor | None          # [q_len, num_keys] bool, None when plainly causal and square
 
 
@@ -29,13 +30,13 @@ class AttentionMetadata:
     """Where each token of a step writes its K/V and which keys each query reads.
 
     The first `num_decode_tokens` tokens are single-token chunks (one per request) batched together;
-    the rest are prefill spans attended one request at a time.
+    the rest are prefill spans attended one request at a time. Keys are gathered a whole block at a time.
     """
 
-    slot_mapping: torch.Tensor                       # [num_tokens] long
+    slot_mapping: torch.Tensor                       # [num_tokens] long: block * block_size + offset
     num_decode_tokens: int = 0
-    decode_key_slots: torch.Tensor | None = None     # [num_decode, max_keys] long
-    decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long, padded with block 0
+    decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -104,7 +105,8 @@ class RotaryEmbedding(nn.Module):
 class PagedAttention(nn.Module):
     """Scaled dot-product attention whose keys and values live in the paged KV cache.
 
-    The model runner assigns `k_cache` and `v_cache` ([num_slots, num_kv_heads, head_dim]) before use.
+    The model runner assigns `k_cache` and `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim])
+    before use.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -115,19 +117,22 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        num_blocks, block_size = self.k_cache.shape[:2]
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         n = meta.num_decode_tokens
         if n:
-            keys = self.k_cache[meta.decode_key_slots].transpose(1, 2)   # [n, kv_heads, max_keys, dim]
-            values = self.v_cache[meta.decode_key_slots].transpose(1, 2)
+            shape = (n, -1, self.num_kv_heads, self.head_dim)
+            keys = self.k_cache[meta.decode_block_tables].view(shape).transpose(1, 2)  # [n, kv_heads, keys, dim]
+            values = self.v_cache[meta.decode_block_tables].view(shape).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[:n].unsqueeze(2), keys, values,
                                                attn_mask=meta.decode_key_mask, enable_gqa=True)
             out[:n] = o.squeeze(2)
         for span in meta.prefills:
-            keys = self.k_cache[span.key_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, dim]
-            values = self.v_cache[span.key_slots].transpose(0, 1).unsqueeze(0)
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            keys = self.k_cache[span.block_table].view(shape)[:span.num_keys].transpose(0, 1).unsqueeze(0)
+            values = self.v_cache[span.block_table].view(shape)[:span.num_keys].transpose(0, 1).unsqueeze(0)
             queries = q[span.q_start:span.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
             o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask,
                                                is_causal=span.mask is None, enable_gqa=True)
