@@ -22,10 +22,23 @@ def tiny_llama_256(tmp_path_factory):
                            tie_word_embeddings=False)
 
 
+def fused(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as the loaded model holds them: q/k/v and gate/up merged."""
+    out = dict(weights)
+    merges = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+              "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"]}
+    layers = {name.split(".")[2] for name in weights if name.startswith("model.layers.")}
+    for layer in layers:
+        for target, parts in merges.items():
+            names = [f"model.layers.{layer}.{p}.weight" for p in parts]
+            out[f"model.layers.{layer}.{target}.weight"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
 @pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
                                    QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
 def test_gguf_tensor_types_load_as_written(tiny_llama_256, tmp_path, qtype):
-    expected = write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", qtype)
+    expected = fused(write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", qtype))
     loaded = load_model(str(tmp_path / "m.gguf"))
     params = dict(loaded.model.named_parameters())
     assert set(params) == set(expected)

@@ -122,7 +122,8 @@ def run_peer(peer_python: str, model: Path, config: WorkloadConfig, tokenizer: T
 def _run_peer_once(peer_python, model, config, tokenizer, logs, workloads, extra) -> ServerResults:
     port = _free_port()
     cmd = [peer_python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL_ID,
-           "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--port", str(port), *extra]
+           "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--port", str(port),
+           "--interrupt_requests", "false", *extra]   # queue concurrent requests rather than cut them off
     server = ServerProcess(cmd, port, "/v1/models", logs / f"llama-cpp-python{'-'.join(workloads)}.log")
     try:
         gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", MODEL_ID)

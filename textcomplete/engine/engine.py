@@ -20,6 +20,7 @@ from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_bl
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
 from textcomplete.models.loader import LoadedModel, load_model
+from textcomplete.models.quant import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class LLMEngine:
         if loaded is None:
             device, dtype = resolve_device_and_dtype(config)
             loaded = load_model(config.model, dtype, device)
+        if config.quantization != "none":
+            if loaded.device.type != "cpu":
+                raise ValueError("weight-only quantization runs on the CPU; use --quantization none on a GPU")
+            replaced = quantize_linears(loaded.model, config.quantization)
+            log.info("quantized %d linear layers to %s", replaced, config.quantization)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         spec = loaded.spec

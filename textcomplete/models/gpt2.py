@@ -91,6 +91,9 @@ class GPT2LMHeadModel(nn.Module):
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "transformer.wte.weight"}
 
+    def fuse(self) -> None:
+        """Nothing to merge: GPT-2 checkpoints already hold q/k/v as one projection."""
+
     @staticmethod
     def checkpoint_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """Map one checkpoint tensor to this module's naming and layout; None to skip it."""

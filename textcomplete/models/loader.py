@@ -137,4 +137,5 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors of a {architecture}, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=True, assign=True)
+    model.fuse()
     return model.eval().requires_grad_(False)
