@@ -80,12 +80,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from textcomplete.api.server import build_app
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
-    from textcomplete.engine.engine import LLMEngine
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
-    engine = LLMEngine(_engine_config(args))
-    names = list(dict.fromkeys([args.served_model_name or engine.config.model, engine.config.model]))
-    service = CompletionService(AsyncEngine(engine), names)
+    config = _engine_config(args)
+    engine = AsyncEngine(config=config)   # built on the engine thread, which alone runs torch
+    names = list(dict.fromkeys([args.served_model_name or config.model, config.model]))
+    service = CompletionService(engine, names)
+    service.fault_injection = args.enable_fault_injection
     logging.getLogger("textcomplete").info("serving %s on http://%s:%d/v1 (%s)", names[0], args.host, args.port,
                                            "API keys required" if keys else "no API key required")
     uvicorn.run(build_app(service, keys), host=args.host, port=args.port, log_level=args.log_level,
@@ -109,6 +110,7 @@ def _workload_config(args: argparse.Namespace):
     return WorkloadConfig(concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                           prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                           scoring_requests=args.scoring_requests,
+                          scoring_prompts_per_request=args.scoring_prompts_per_request,
                           shared_prefix_requests=args.shared_prefix_requests)
 
 
@@ -135,11 +137,15 @@ def _bench_compare(args: argparse.Namespace, config, tokenizer) -> int:
     logs = Path(args.output).parent / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     roof = compare.roofline(gguf)
+    print(f"roofline: {roof.bandwidth_gbs:.1f} GB/s measured; weights per decode step "
+          f"{roof.fp32_bytes_per_step / 1e6:.0f} MB float32 ({roof.ceiling(roof.fp32_bytes_per_step):.0f} steps/s), "
+          f"{roof.gguf_bytes_per_step / 1e6:.0f} MB as stored ({roof.ceiling(roof.gguf_bytes_per_step):.0f} steps/s)")
     ours = compare.run_ours(gguf, config, tokenizer, logs, shlex.split(args.serve_args))
     print(workloads.format_results(ours))
     peer = compare.run_peer(args.peer_python, gguf, config, tokenizer, logs)
     print(workloads.format_results(peer))
-    command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "--compare")
+    given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
+    command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
     path = report.write(Path(args.output).parent, ours, peer, roof, compare.environment_lines(args.peer_python),
                         command.strip(), config, args.note or [])
     print(f"wrote {path}")
@@ -159,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", metavar="KEY",
                        help="A key clients must send as 'Authorization: Bearer KEY'; repeat for several. Also "
                             "read, comma-separated, from TEXTCOMPLETE_API_KEYS. With none, the server is open.")
+    serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)  # for tests
     serve.add_argument("--served-model-name", default=None,
                        help="The model id clients use (default: the --model value).")
     _add_engine_options(serve)
@@ -190,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", default="1,4,16,64", help="Concurrency sweep (default: 1,4,16,64).")
     load.add_argument("--prompt-tokens", type=int, default=128, help="Prompt length (default: 128).")
     load.add_argument("--output-tokens", type=int, default=128, help="Output length (default: 128).")
-    load.add_argument("--scoring-requests", type=int, default=4, help="Scoring requests of 8 prompts (default: 4).")
+    load.add_argument("--scoring-requests", type=int, default=4, help="Scoring requests (default: 4).")
+    load.add_argument("--scoring-prompts-per-request", type=int, default=8,
+                      help="Prompts per scoring request; 1 for servers that take one prompt (default: 8).")
     load.add_argument("--shared-prefix-requests", type=int, default=32,
                       help="Requests sharing one 512-token prefix (default: 32).")
     load.add_argument("--compare", action="store_true",

@@ -126,6 +126,8 @@ def test_echo_stream_stop_and_n_work_with_suffix(service):
     assert "".join(c["text"] for ch in chunks for c in ch["choices"]) == plain
     n = complete(svc, n=2, **{**common, "temperature": 1.0, "seed": 3})
     assert [c["index"] for c in n["choices"]] == [0, 1]
+    best = complete(svc, n=1, best_of=3, **{**common, "temperature": 1.0, "seed": 3})
+    assert len(best["choices"]) == 1 and best["usage"]["completion_tokens"] == 18
     if len(plain.split()) > 2:
         word = plain.split()[2]
         stopped = complete(svc, stop=[word], **common)["choices"][0]

@@ -34,7 +34,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(f"/tmp/textcomplete-e2e-{self.port}.log", "w")
         cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "warning", "serve", "--port",
-               str(self.port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), *extra]
+               str(self.port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), "--enable-fault-injection", *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         self._wait_ready()
@@ -72,8 +72,12 @@ def server():
 
 @pytest.fixture(scope="session")
 def client(server):
+    """The official SDK, with every JSON response it receives validated against the contract's schema."""
     import openai
-    return openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+    from tests.e2e.helpers import validate_response
+    http_client = httpx.Client(timeout=120, event_hooks={"response": [validate_response]})
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, http_client=http_client)
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,46 @@ def body(**fields) -> dict:
     return {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, **fields}
 
 
+_VALIDATORS: dict = {}
+
+
+def schema_validator(name: str):
+    """A validator for one of the contract's definitions (the schema file is read once)."""
+    if not _VALIDATORS:
+        from jsonschema import Draft202012Validator
+
+        from tests.e2e.conftest import SCHEMA_PATH
+        doc = json.loads(SCHEMA_PATH.read_text())
+        _VALIDATORS.update({k: Draft202012Validator(v) for k, v in doc["$defs"].items()})
+    return _VALIDATORS[name]
+
+
+def validate_response(response: httpx.Response) -> None:
+    """Validate a completions, models or error response against the schema (streams: every chunk)."""
+    response.read()
+    path = response.request.url.path
+    kind = response.headers.get("content-type", "")
+    if response.status_code >= 400:
+        schema_validator("ErrorResponse").validate(response.json())
+    elif kind.startswith("text/event-stream"):
+        for event in sse_events(response)[:-1]:
+            schema_validator("CreateCompletionStreamChunk").validate(json.loads(event))
+    elif path.endswith("/completions"):
+        schema_validator("CreateCompletionResponseStrict").validate(response.json())
+    elif path.endswith("/models"):
+        schema_validator("ListModelsResponse").validate(response.json())
+    elif "/models/" in path:
+        schema_validator("Model").validate(response.json())
+
+
 def post(http: httpx.Client, payload, **kw) -> httpx.Response:
+    """POST /v1/completions; every response is validated against the contract's schema."""
     if isinstance(payload, (dict, list)) or payload is None:
-        return http.post("/v1/completions", json=payload, **kw)
-    return http.post("/v1/completions", content=payload, headers={"content-type": "application/json"}, **kw)
+        r = http.post("/v1/completions", json=payload, **kw)
+    else:
+        r = http.post("/v1/completions", content=payload, headers={"content-type": "application/json"}, **kw)
+    validate_response(r)
+    return r
 
 
 def sse_events(response: httpx.Response) -> list[str]:

@@ -104,3 +104,33 @@ def test_official_sdk_stream(client):
     whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert text == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+FAULT_USER = "textcomplete-test:inject-fault"
+
+
+def test_r46s_error_after_the_stream_began_is_an_in_band_event(http, client):
+    r = post(http, body(stream=True, user=FAULT_USER, max_tokens=8))
+    assert r.status_code == 200
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    first, error = json.loads(events[0]), json.loads(events[-2])
+    assert "error" not in first and first["choices"]
+    assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["type"] == "server_error"
+    with pytest.raises(openai.APIError):
+        for _ in client.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=True, user=FAULT_USER):
+            pass
+
+
+def test_an_internal_fault_fails_its_request_alone(http, client):
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        healthy = pool.submit(post, http, body(max_tokens=24, logit_bias={"2": -100}))
+        faulty = pool.submit(post, http, body(max_tokens=4, user=FAULT_USER))
+        err = assert_error(faulty.result(), 500)
+        assert err["type"] == "server_error"
+        assert healthy.result().status_code == 200
+        assert healthy.result().json()["usage"]["completion_tokens"] == 24
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, user=FAULT_USER)
+    assert http.get("/health").status_code == 200

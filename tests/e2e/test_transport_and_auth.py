@@ -105,3 +105,12 @@ def test_r9_open_server_accepts_any_or_no_bearer(http, server):
     assert httpx.post(str(http.base_url) + "/v1/completions", json=body()).status_code == 200
     status, _, _ = raw_post(server.port, json.dumps(body()).encode(), "Authorization: Bearer \r\n")
     assert status == 200
+
+
+def test_r54_rate_limit_headers_on_every_response(http):
+    names = ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+             "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
+    for r in (post(http, body()), post(http, b"{"), http.get("/v1/models"), post(http, body(stream=True))):
+        assert all(n in r.headers for n in names)
+        assert int(r.headers["x-ratelimit-remaining-requests"]) <= int(r.headers["x-ratelimit-limit-requests"])
+        assert r.headers["x-ratelimit-reset-tokens"].endswith("s")

@@ -143,14 +143,15 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                                                        Exception: on_error})
-    return RequestIdAndAuth(app, api_keys)
+    return RequestIdAndAuth(app, api_keys, service.capacity_headers)
 
 
 class RequestIdAndAuth:
-    """ASGI middleware: refuse requests without a valid key (when keys are set); tag every response with an id."""
+    """ASGI middleware: refuse requests without a valid key (when keys are set); tag every response with an
+    id and the informational x-ratelimit-* headers (R54)."""
 
-    def __init__(self, app, api_keys: list[str]) -> None:
-        self.app, self.api_keys = app, api_keys
+    def __init__(self, app, api_keys: list[str], capacity_headers) -> None:
+        self.app, self.api_keys, self.capacity_headers = app, api_keys, capacity_headers
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -161,7 +162,8 @@ class RequestIdAndAuth:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                extra = [("x-request-id", request_id), *self.capacity_headers().items()]
+                message["headers"] = list(message["headers"]) + [(k.encode(), v.encode()) for k, v in extra]
             await send(message)
 
         error = _auth_error(request, self.api_keys)

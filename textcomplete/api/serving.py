@@ -66,9 +66,22 @@ class CompletionService:
         self.vocab_size = engine.vocab_size
         self.fim = detect_fim(self.tokenizer)
 
+        self.fault_injection = False   # tests only: lets FAULT_USER requests fail on purpose
+
     @property
     def supports_suffix(self) -> bool:
         return self.fim is not None
+
+    def capacity_headers(self) -> dict[str, str]:
+        """x-ratelimit-* (R54): running requests against the batch size, free KV tokens against the cache."""
+        running, most, free_tokens, all_tokens = self.engine.load()
+        return {"x-ratelimit-limit-requests": str(most),
+                "x-ratelimit-remaining-requests": str(max(0, most - running)),
+                "x-ratelimit-reset-requests": "0s", "x-ratelimit-limit-tokens": str(all_tokens),
+                "x-ratelimit-remaining-tokens": str(free_tokens), "x-ratelimit-reset-tokens": "0s"}
+
+    def _injected_fault(self, req: CompletionRequest) -> bool:
+        return self.fault_injection and req.user == FAULT_USER
 
     # ----- preparing -----------------------------------------------------------------------------
 
@@ -162,6 +175,8 @@ class CompletionService:
     async def complete(self, req: CompletionRequest) -> dict:
         cands, params = self._candidates(req)
         await _gather_all(self._run(c, p) for c, p in zip(cands, params))
+        if self._injected_fault(req):
+            raise RuntimeError("injected fault")
         chosen = self._choose(req, cands)
         choices = [self._choice(req, c, (0, c.text.releasable(True)), (0, c.text.tokens_before(
             len(c.text.final_text), True)), final=True, with_echo=req.echo) for c in chosen]
@@ -212,6 +227,8 @@ class CompletionService:
                 chunk = self._delta(req, item)
                 if chunk is not None:
                     yield self._stream_envelope(req, completion_id, created, [chunk])
+                    if self._injected_fault(req):
+                        raise RuntimeError("injected fault")
             if req.include_usage:
                 body = self._envelope(req, completion_id, created, [])
                 body["usage"] = self._usage(cands)
@@ -301,6 +318,7 @@ class CompletionService:
         return body
 
 
+FAULT_USER = "textcomplete-test:inject-fault"   # with fault injection on, such a request fails mid-way
 _DONE = object()   # a candidate's end, on the stream's update queue
 
 

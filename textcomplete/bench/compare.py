@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -127,8 +127,9 @@ def _run_peer_once(peer_python, model, config, tokenizer, logs, workloads, extra
     server = ServerProcess(cmd, port, "/v1/models", logs / f"llama-cpp-python{'-'.join(workloads)}.log")
     try:
         gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", MODEL_ID)
-        # Its server takes one prompt per request, so the scoring prompts go one by one.
-        return run(gen, tokenizer, config, "llama-cpp-python", scoring_batched=False, workloads=workloads)
+        # Its server takes one prompt per request and scores slowly: 4 single-prompt requests suffice.
+        return run(gen, tokenizer, replace(config, scoring_prompts_per_request=1, scoring_requests=4),
+                   "llama-cpp-python", workloads=workloads)
     finally:
         server.stop()
 

@@ -107,7 +107,8 @@ def write(docs: Path, ours: ServerResults, peer: ServerResults, roof: Roofline, 
              f"output tokens (end-of-text biased away with `logit_bias`) at concurrency "
              f"{', '.join(map(str, config.concurrency))}; scoring, lm-eval style (`echo`, `logprobs: 1`, "
              f"`max_tokens: 1`) on {config.scoring_prompt_tokens}-token prompts, {config.scoring_prompts_per_request} "
-             f"prompts per request for textcomplete (llama-cpp-python's server takes one prompt per request); "
+             f"prompts per request for textcomplete, one prompt per request for llama-cpp-python (its server takes one "
+             f"prompt per request; 4 such requests); "
              f"{config.shared_prefix_requests} requests sharing a {config.shared_prefix_tokens}-token prefix.", "",
              "## Targets", "", *targets_table(ratios), "", "## Figures", "", *figures_table(ours, peer), "",
              *[f"![{name}]({name})" for name in images], "", "## Roofline", "",

@@ -62,9 +62,11 @@ def eos_bias(tokenizer: Tokenizer) -> dict[str, int]:
     return {str(t): -100 for t in tokenizer.eos_token_ids}
 
 
+ALL_WORKLOADS = ("single", "sweep", "scoring", "shared_prefix")
+
+
 async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConfig, name: str,
-                  scoring_batched: bool = True, workloads: tuple[str, ...] = ("single", "sweep", "scoring",
-                                                                                "shared_prefix")) -> ServerResults:
+                  workloads: tuple[str, ...] = ALL_WORKLOADS) -> ServerResults:
     prompts = PromptMaker(tokenizer)
     bias = eos_bias(tokenizer)
     out = ServerResults(name)
@@ -81,7 +83,7 @@ async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConf
             bodies = gen_bodies(max(c, config.min_requests_per_level))
             out.sweep.append(await gen.run_level("concurrency", bodies, c, config.output_tokens))
     if "scoring" in workloads:
-        out.scoring = await _scoring(gen, prompts, config, scoring_batched)
+        out.scoring = await _scoring(gen, prompts, config)
     if "shared_prefix" in workloads:
         prefix = prompts.text(config.shared_prefix_tokens)
         bodies = [gen.body(prefix + " " + prompts.text(config.shared_suffix_tokens), 1, logit_bias=bias)
@@ -90,11 +92,10 @@ async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConf
     return out
 
 
-async def _scoring(gen: LoadGenerator, prompts: PromptMaker, config: WorkloadConfig, batched: bool) -> Summary:
+async def _scoring(gen: LoadGenerator, prompts: PromptMaker, config: WorkloadConfig) -> Summary:
     """lm-eval style: echo + logprobs 1 + max_tokens 1; prompt tokens scored per second."""
-    texts = [prompts.text(config.scoring_prompt_tokens)
-             for _ in range(config.scoring_requests * config.scoring_prompts_per_request)]
-    per = config.scoring_prompts_per_request if batched else 1
+    per = config.scoring_prompts_per_request
+    texts = [prompts.text(config.scoring_prompt_tokens) for _ in range(config.scoring_requests * per)]
     bodies = [gen.body(texts[i:i + per] if per > 1 else texts[i], 1, echo=True, logprobs=1)
               for i in range(0, len(texts), per)]
     return await gen.run_level("scoring", bodies, 1, stream=False,

@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from textcomplete.config import EngineConfig
 from textcomplete.engine.engine import LLMEngine
 from textcomplete.engine.outputs import RequestOutput
 from textcomplete.engine.sampling_params import SamplingParams
@@ -35,12 +36,22 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | None = None, config: EngineConfig | None = None) -> None:
+        """Wrap a built engine, or (better) give a config and let the engine thread build it.
+
+        Built on its own thread, the engine is the only user of torch's thread pool: when two threads
+        each start parallel torch work, their OpenMP teams fight over the cores (decoding ran at half speed).
+        """
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}     # touched only by the engine thread
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
+        self.engine = engine
+        self._thread = threading.Thread(target=self._run, args=(config,), name="engine-loop", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     @property
     def tokenizer(self):
@@ -57,6 +68,13 @@ class AsyncEngine:
     @property
     def vocab_size(self) -> int:
         return self.engine.loaded.spec.vocab_size
+
+    def load(self) -> tuple[int, int, int, int]:
+        """(requests in flight, most that run at once, free KV tokens, all KV tokens): a racy but harmless
+        read of counters the engine thread owns, for informational headers."""
+        allocator = self.engine.allocator
+        return (len(self._streams), self.engine.config.max_num_seqs,
+                allocator.num_free_blocks * allocator.block_size, allocator.num_blocks * allocator.block_size)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError if the engine could never run this request (safe from any thread)."""
@@ -90,7 +108,15 @@ class AsyncEngine:
         self._commands.put(None)
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig | None) -> None:
+        try:
+            if self.engine is None:
+                self.engine = LLMEngine(config)
+        except BaseException as exc:   # noqa: BLE001 - handed to the constructor, which re-raises
+            self._build_error = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             # Block for a command only when there is nothing to compute.
             if not self._drain_commands(block=not self.engine.has_unfinished_requests()):
