@@ -35,8 +35,8 @@ def validate_response(response: httpx.Response) -> None:
     if response.status_code >= 400:
         schema_validator("ErrorResponse").validate(response.json())
     elif kind.startswith("text/event-stream"):
-        for event in sse_events(response)[:-1]:
-            schema_validator("CreateCompletionStreamChunk").validate(json.loads(event))
+        for event in map(json.loads, sse_events(response)[:-1]):
+            schema_validator("ErrorResponse" if "error" in event else "CreateCompletionStreamChunk").validate(event)
     elif path.endswith("/completions"):
         schema_validator("CreateCompletionResponseStrict").validate(response.json())
     elif path.endswith("/models"):
