@@ -42,7 +42,8 @@ def validate_response(response: httpx.Response) -> None:
     elif path.endswith("/models"):
         schema_validator("ListModelsResponse").validate(response.json())
     elif "/models/" in path:
-        schema_validator("Model").validate(response.json())
+        kind = "DeleteModelResponse" if response.request.method == "DELETE" else "Model"
+        schema_validator(kind).validate(response.json())
 
 
 def post(http: httpx.Client, payload, **kw) -> httpx.Response:

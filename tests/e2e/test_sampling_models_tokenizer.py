@@ -58,3 +58,23 @@ def test_lm_eval_tokenizer_endpoints(http):
     assert eos["tokens"] == [info["eos_token_id"]]
     assert_error(http.post("/tokenize", json={"prompt": 5}), 400)
     assert_error(http.post("/detokenize", json={"tokens": [-1]}), 400)
+
+
+def test_r57_delete_model_never_deletes_a_served_model(http, client, validate):
+    r = http.delete(f"/v1/models/{MODEL}")
+    assert r.status_code == 200 and r.json() == {"id": MODEL, "object": "model", "deleted": False}
+    from tests.e2e.helpers import schema_validator
+    schema_validator("DeleteModelResponse").validate(r.json())
+    assert client.models.delete(MODEL).deleted is False
+    assert_error(http.delete("/v1/models/nope"), 404, code="model_not_found")
+    assert http.get(f"/v1/models/{MODEL}").status_code == 200
+
+
+def test_r47s_strict_sdk_accepts_non_stream_responses(server):
+    """Strict validation breaks on real stream chunks (finish_reason null) and on echo's leading null logprob
+    (a spec bug, §14.2), so a plain non-stream response with logprobs is what strict clients can read."""
+    strict = openai.OpenAI(base_url=server.base + "/v1", api_key="k", max_retries=0,
+                           _strict_response_validation=True)
+    c = strict.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logprobs=1)
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert strict.models.retrieve(MODEL).id == MODEL

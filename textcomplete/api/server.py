@@ -93,6 +93,13 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
             raise model_not_found(name)
         return JSONResponse(model_object(name))
 
+    async def delete_model(request: Request) -> Response:
+        """R57 (a MAY, for fine-tunes): served models are never deleted, so the answer is deleted: false."""
+        name = request.path_params["model"]
+        if name not in service.model_names:
+            raise model_not_found(name)
+        return JSONResponse({"id": name, "object": "model", "deleted": False})
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -136,6 +143,7 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/models/{model:path}", delete_model, methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
