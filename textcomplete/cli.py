@@ -152,11 +152,137 @@ def _bench_compare(args: argparse.Namespace, config, tokenizer) -> int:
     return 0
 
 
+def _http(args: argparse.Namespace):
+    import httpx
+    base = args.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1"
+    key = args.api_key or os.environ.get("OPENAI_API_KEY") or ""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=base.rstrip("/") + "/", headers=headers, timeout=600)
+
+
+def _request_body(args: argparse.Namespace) -> dict:
+    body = {"model": args.model, "prompt": args.prompt if len(args.prompt) != 1 else args.prompt[0]}
+    for name in ("max_tokens", "temperature", "top_p", "n", "best_of", "logprobs", "presence_penalty",
+                 "frequency_penalty", "seed", "suffix", "user"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.echo:
+        body["echo"] = True
+    if args.stop:
+        body["stop"] = args.stop
+    if args.logit_bias is not None:
+        import json
+        try:
+            body["logit_bias"] = json.loads(args.logit_bias)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--logit-bias is not JSON: {exc}") from None
+    if args.stream:
+        body["stream"] = True
+    return body
+
+
+def _server_error(response) -> int:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    print(f"Error code: {response.status_code} - {message}", file=sys.stderr)
+    return 1
+
+
+def _cmd_completions_create(args: argparse.Namespace) -> int:
+    import json
+    body = _request_body(args)
+    with _http(args) as http:
+        if not args.stream:
+            r = http.post("completions", json=body)
+            if r.status_code != 200:
+                return _server_error(r)
+            print(json.dumps(r.json(), indent=2))
+            return 0
+        with http.stream("POST", "completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return _server_error(r)
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):
+                    print(f"\nError: {chunk['error']['message']}", file=sys.stderr)
+                    return 1
+                for choice in chunk.get("choices", []):
+                    print(choice["text"], end="", flush=True)
+            print()
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    import json
+    with _http(args) as http:
+        r = http.get("models")
+        if r.status_code != 200:
+            return _server_error(r)
+        print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default=None,
+                        help="The server's /v1 URL (default: $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1).")
+    parser.add_argument("--api-key", default=None, help="Bearer key (default: $OPENAI_API_KEY).")
+
+
+def _number(text: str) -> int | float:
+    """A number as the user wrote it: 5 stays an integer, 0.5 a float (so the server sees the same JSON)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _add_completion_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="ID of the model to use.")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="The prompt; repeat for a batch of prompts.")
+    p.add_argument("--max-tokens", type=int, default=None, help="Most tokens to generate (server default: 16).")
+    p.add_argument("--temperature", type=_number, default=None, help="Sampling temperature, 0 to 2; 0 is greedy.")
+    p.add_argument("--top-p", type=_number, default=None, help="Nucleus sampling mass, 0 to 1.")
+    p.add_argument("--n", type=int, default=None, help="Completions per prompt.")
+    p.add_argument("--best-of", type=int, default=None,
+                   help="Candidates per prompt; the n with the best mean token log-probability are returned.")
+    p.add_argument("--echo", action="store_true", help="Return the prompt before the completion.")
+    p.add_argument("--logprobs", type=int, default=None, help="Log-probabilities of the top 0 to 5 tokens.")
+    p.add_argument("--stop", action="append", default=None, help="A stop sequence; repeat for up to 4.")
+    p.add_argument("--presence-penalty", type=_number, default=None, help="-2 to 2: penalise tokens already used.")
+    p.add_argument("--frequency-penalty", type=_number, default=None, help="-2 to 2: penalise frequent tokens.")
+    p.add_argument("--logit-bias", default=None, help='JSON map of token id to bias, e.g. \'{"50256": -100}\'.')
+    p.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+    p.add_argument("--suffix", default=None, help="Text after the insertion (fill in the middle).")
+    p.add_argument("--stream", action="store_true", help="Print the text as it arrives.")
+    p.add_argument("--user", default=None, help="An end-user id, passed through.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textcomplete", description="The OpenAI Completions API on open models.")
     parser.add_argument("--version", action="version", version=f"textcomplete {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    completions = commands.add_parser("completions", help="Talk to a server: create a completion.",
+                                      description="The reference's command-line client for /v1/completions.")
+    completion_commands = completions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = completion_commands.add_parser("create", help="Create a completion and print it.",
+                                            description="POST /v1/completions with one flag per request field; "
+                                                        "prints the JSON response, or the text as it streams.")
+    _add_completion_fields(create)
+    _add_connection_options(create)
+    create.set_defaults(handler=_cmd_completions_create)
+    models = commands.add_parser("models", help="Talk to a server: list its models.")
+    model_commands = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = model_commands.add_parser("list", help="List the served models.")
+    _add_connection_options(listing)
+    listing.set_defaults(handler=_cmd_models_list)
 
     serve = commands.add_parser("serve", help="Serve the OpenAI Completions API.",
                                 description="Serve POST /v1/completions and GET /v1/models for one model.")
@@ -233,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"textcomplete: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # httpx's transport errors are not OSErrors; see below
+        print(f"textcomplete: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if type(exc).__module__.startswith("httpx"):
+            print(f"textcomplete: error: cannot talk to the server: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
