@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from textcomplete.bench.compare import ServerProcess
 
 SPEC_DIR = Path(__file__).resolve().parents[3] / "shared" / "spec"
 SCHEMA_PATH = Path(os.environ.get("TEXTCOMPLETE_SCHEMA", SPEC_DIR / "openai-completions-schema.json"))
@@ -26,41 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A `textcomplete serve` process; stopped by its process id."""
+class Server(ServerProcess):
+    """A `textcomplete serve` process on a free port; stopped by its process id."""
 
     def __init__(self, *extra: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(f"/tmp/textcomplete-e2e-{self.port}.log", "w")
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "warning", "serve", "--port",
-               str(self.port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), "--enable-fault-injection", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {open(self.log.name).read()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+               str(port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), "--enable-fault-injection",
+               *extra]
+        super().__init__(cmd, port, "/health", Path(f"/tmp/textcomplete-e2e-{port}.log"),
+                         env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")

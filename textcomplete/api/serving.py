@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from textcomplete.api.errors import APIError, invalid, model_not_found
+from textcomplete.api.errors import invalid, model_not_found
 from textcomplete.api.protocol import CompletionRequest
 from textcomplete.api.text import ChoiceText
 from textcomplete.engine.async_engine import AsyncEngine

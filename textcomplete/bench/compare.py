@@ -38,14 +38,14 @@ def _free_port() -> int:
 class ServerProcess:
     """A server started as a subprocess, ready when `ready_path` answers, stopped by its process id."""
 
-    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path) -> None:
+    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, env: dict | None = None) -> None:
         self.port = port
         self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited early; see {log}")
+                raise RuntimeError(f"{cmd[0]} exited early: {log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
                     return
