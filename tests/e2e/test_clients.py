@@ -62,6 +62,17 @@ def test_same_choices_through_sdk_client_and_cli(client, local, server):
     assert len(over_http) == len(in_process) == len(from_cli) == 4
 
 
+def test_identical_choices_for_a_greedy_request(client, local, server):
+    """Without logprobs nothing depends on batching: the three choice lists are equal to the letter."""
+    request = dict(model=MODEL, prompt=["Once upon a time"], max_tokens=12, temperature=0, stop=["\n\n"])
+    over_http = client.completions.create(**request).model_dump()["choices"]
+    in_process = local.completions.create(**request).to_dict()["choices"]
+    out = cli(server, "completions", "create", "--model", MODEL, "--prompt", "Once upon a time", "--max-tokens",
+              "12", "--temperature", "0", "--stop", "\n\n")
+    assert out.returncode == 0, out.stderr
+    assert over_http == in_process == json.loads(out.stdout)["choices"]
+
+
 def test_same_error_message_everywhere(client, local, server):
     bad = dict(model=MODEL, prompt="x", temperature=5)
     with pytest.raises(openai.BadRequestError) as sdk_error:
