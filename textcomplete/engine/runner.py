@@ -1,7 +1,7 @@
 """The model runner: scheduler output -> tensors -> forward pass -> sampled tokens and logprobs.
 
-The only place that builds tensors. It owns the KV cache tensors: one [num_slots, kv_heads, head_dim]
-key and value tensor per layer, where slot = block_id * block_size + offset.
+The only place that builds tensors. It owns the KV cache tensors: one [num_blocks, block_size, 2,
+kv_heads, head_dim] tensor per layer (key and value of a slot side by side), slot = block_id * block_size + offset.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, seed: int) -> None:
         self.model, self.spec, self.block_size, self.device = model, spec, block_size, device
         self.sampler = Sampler(seed)
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (num_blocks, block_size, 2, spec.num_kv_heads, spec.head_dim)
         for attn in (m for m in model.modules() if isinstance(m, PagedAttention)):
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[ChunkResult]:
@@ -58,10 +57,16 @@ class ModelRunner:
         decodes = [c for c in chunks if c.num_tokens == 1]
         meta = AttentionMetadata(slot_mapping=self._slots_of(chunks), num_decode_tokens=len(decodes))
         if decodes:
-            meta.decode_block_tables = self._block_tables(decodes)
-            ends = torch.tensor([c.end for c in decodes], device=self.device)
-            keys = torch.arange(meta.decode_block_tables.shape[1] * self.block_size, device=self.device)
-            meta.decode_key_mask = (keys[None, :] < ends[:, None])[:, None, None, :]
+            ends = [c.end for c in decodes]
+            width = max(ends)
+            tables = self._block_tables(decodes)
+            offsets = torch.arange(self.block_size, device=self.device)
+            key_slots = (tables[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :width]
+            meta.decode_key_slots = key_slots.reshape(-1)
+            if min(ends) < width:   # shorter requests' padding keys are masked out
+                keys = torch.arange(width, device=self.device)
+                ends_t = torch.tensor(ends, device=self.device)
+                meta.decode_key_mask = (keys[None, :] < ends_t[:, None])[:, None, None, :]
         offset = len(decodes)
         for c in chunks[len(decodes):]:
             mask = None

@@ -30,13 +30,14 @@ class AttentionMetadata:
     """Where each token of a step writes its K/V and which keys each query reads.
 
     The first `num_decode_tokens` tokens are single-token chunks (one per request) batched together;
-    the rest are prefill spans attended one request at a time. Keys are gathered a whole block at a time.
+    the rest are prefill spans attended one request at a time. Decodes gather exactly their keys' slots
+    (padded to the longest, masked); prefill spans gather whole blocks.
     """
 
     slot_mapping: torch.Tensor                       # [num_tokens] long: block * block_size + offset
     num_decode_tokens: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long, padded with block 0
-    decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_key_slots: torch.Tensor | None = None     # [num_decode * max_keys] long: each decode's key slots
+    decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool; None when no padding
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -85,54 +86,62 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq   # a plain attribute, not a buffer: never part of a checkpoint
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each [num_tokens, 1, rotary_dim]; the sin's first half is negated (see `apply`)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [num_tokens, rotary_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        sin = freqs.sin()
+        return (torch.cat((freqs, freqs), dim=-1).cos().to(dtype)[:, None, :],
+                torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :])
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim]."""
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, num_heads, head_dim]; cos, signed_sin from `cos_sin`.
+
+        rotate_half(x) * sin == swap_halves(x) * signed_sin, and swapping halves is one flip of a
+        [2, half] view: three operators per call instead of the slices and concatenations.
+        """
         rot = cos.shape[-1]
+        if rot == x.shape[-1]:
+            swapped = x.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+            return torch.addcmul(x * cos, swapped, signed_sin)
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        half = rot // 2
-        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        out = x_rot * cos + rotated * sin
-        return torch.cat((out, x_pass), dim=-1) if x_pass.numel() else out
+        swapped = x_rot.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+        return torch.cat((torch.addcmul(x_rot * cos, swapped, signed_sin), x_pass), dim=-1)
 
 
 class PagedAttention(nn.Module):
     """Scaled dot-product attention whose keys and values live in the paged KV cache.
 
-    The model runner assigns `k_cache` and `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim])
-    before use.
+    The model runner assigns `kv_cache` ([num_blocks, block_size, 2, num_kv_heads, head_dim]: a slot's key
+    and value side by side, so one gather fetches both) before use.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.kv_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
-        num_blocks, block_size = self.k_cache.shape[:2]
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        slots = self.kv_cache.view(-1, 2, self.num_kv_heads, self.head_dim)   # [num_slots, 2, kv_heads, dim]
+        slots[:, 0].index_copy_(0, meta.slot_mapping, k)
+        slots[:, 1].index_copy_(0, meta.slot_mapping, v)
         n = meta.num_decode_tokens
+        decoded = None
         if n:
-            shape = (n, -1, self.num_kv_heads, self.head_dim)
-            keys = self.k_cache[meta.decode_block_tables].view(shape).transpose(1, 2)  # [n, kv_heads, keys, dim]
-            values = self.v_cache[meta.decode_block_tables].view(shape).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[:n].unsqueeze(2), keys, values,
-                                               attn_mask=meta.decode_key_mask, enable_gqa=True)
-            out[:n] = o.squeeze(2)
+            kv = slots.index_select(0, meta.decode_key_slots).view(n, -1, 2, self.num_kv_heads, self.head_dim)
+            decoded = F.scaled_dot_product_attention(
+                q[:n].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                attn_mask=meta.decode_key_mask, enable_gqa=True).squeeze(2)   # [n, heads, dim]
+            if not meta.prefills:
+                return decoded
+        out = torch.empty_like(q)
+        if decoded is not None:
+            out[:n] = decoded
         for span in meta.prefills:
-            shape = (-1, self.num_kv_heads, self.head_dim)
-            keys = self.k_cache[span.block_table].view(shape)[:span.num_keys].transpose(0, 1).unsqueeze(0)
-            values = self.v_cache[span.block_table].view(shape)[:span.num_keys].transpose(0, 1).unsqueeze(0)
+            kv = self.kv_cache[span.block_table].view(-1, 2, self.num_kv_heads, self.head_dim)[:span.num_keys]
+            keys, values = kv[:, 0].transpose(0, 1).unsqueeze(0), kv[:, 1].transpose(0, 1).unsqueeze(0)
             queries = q[span.q_start:span.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
             o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask,
                                                is_causal=span.mask is None, enable_gqa=True)

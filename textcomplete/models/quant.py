@@ -31,11 +31,13 @@ class _WeightOnly(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
+        flat = x.dim() == 2     # the models' activations are [num_tokens, features]: no reshapes needed
+        rows = x if flat else x.reshape(-1, x.shape[-1])
         if rows.shape[0] > FLOAT_ROWS:
             return F.linear(x, self.weight, self.bias)
-        y = self.quantized_matmul(rows.to(_ACT)).to(x.dtype).reshape(*shape[:-1], -1)
+        y = self.quantized_matmul(rows.to(_ACT)).to(x.dtype)
+        if not flat:
+            y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
