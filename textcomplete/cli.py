@@ -73,24 +73,43 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    import contextlib
+    import signal
 
     import uvicorn
 
+    from textcomplete.api.limits import ServerLimits
     from textcomplete.api.server import build_app
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     config = _engine_config(args)
     engine = AsyncEngine(config=config)   # built on the engine thread, which alone runs torch
     names = list(dict.fromkeys([args.served_model_name or config.model, config.model]))
-    service = CompletionService(engine, names)
+    service = CompletionService(engine, names, limits)
     service.fault_injection = args.enable_fault_injection
-    logging.getLogger("textcomplete").info("serving %s on http://%s:%d/v1 (%s)", names[0], args.host, args.port,
-                                           "API keys required" if keys else "no API key required")
-    uvicorn.run(build_app(service, keys), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    log = logging.getLogger("textcomplete")
+    log.info("serving %s on http://%s:%d/v1 (%s)", names[0], args.host, args.port,
+             "API keys required" if keys else "no API key required")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                if self._captured_signals:   # SIGTERM/SIGINT asked for this shutdown: it is a clean exit
+                    log.info("shut down on %s", ", ".join(signal.Signals(s).name for s in self._captured_signals))
+                    self._captured_signals.clear()
+
+    server = Server(uvicorn.Config(build_app(service, keys), host=args.host, port=args.port,
+                                   log_level=args.log_level, access_log=False,
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run()   # on SIGTERM/SIGINT: stop accepting, let requests finish up to --shutdown-timeout
+    finally:
+        engine.shutdown()   # aborts whatever is left
     return 0
 
 
@@ -291,7 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", metavar="KEY",
                        help="A key clients must send as 'Authorization: Bearer KEY'; repeat for several. Also "
                             "read, comma-separated, from TEXTCOMPLETE_API_KEYS. With none, the server is open.")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="On SIGTERM/SIGINT, how long in-flight requests may finish before the rest are aborted "
+                            "(default: 30).")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)  # for tests
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-queued-requests", type=int, default=1024, metavar="N",
+                        help="Engine requests (one per prompt and candidate) that may wait beyond those running; "
+                             "past it, requests get 429 with Retry-After (default: 1024).")
+    limits.add_argument("--max-request-body", dest="max_request_body_bytes", type=parse_size, default=16 << 20,
+                        metavar="SIZE", help="Largest request body; larger ones get 413 (default: 16MiB).")
+    limits.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="Time to receive a whole request body; slower ones get 408 (default: 30).")
+    limits.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
+                        help="Most prompts in one request (default: 1024).")
+    limits.add_argument("--max-sequences-per-request", type=int, default=1024, metavar="N",
+                        help="Most prompts x best_of (or n) in one request (default: 1024).")
+    limits.add_argument("--requests-per-minute", type=int, default=0, metavar="N",
+                        help="Per API key: completion requests per minute; 0 for no limit (default: 0).")
+    limits.add_argument("--tokens-per-minute", type=int, default=0, metavar="N",
+                        help="Per API key: prompt tokens plus the most completion tokens asked for, per minute; "
+                             "0 for no limit (default: 0).")
     serve.add_argument("--served-model-name", default=None,
                        help="The model id clients use (default: the --model value).")
     _add_engine_options(serve)

@@ -28,10 +28,10 @@ def free_port() -> int:
 class Server(ServerProcess):
     """A `textcomplete serve` process on a free port; stopped by its process id."""
 
-    def __init__(self, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, *extra: str, env: dict | None = None, log_level: str = "warning") -> None:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "warning", "serve", "--port",
+        cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", log_level, "serve", "--port",
                str(port), "--kv-cache-memory", "512MiB", "--max-model-len", str(CONTEXT), "--enable-fault-injection",
                *extra]
         super().__init__(cmd, port, "/health", Path(f"/tmp/textcomplete-e2e-{port}.log"),

@@ -117,3 +117,28 @@ def raw_post(port: int, payload: bytes, extra_headers: str = "") -> tuple[int, d
     return raw_request(port, (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                               f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                               f"{extra_headers}\r\n").encode() + payload)
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """GET /metrics as {"name{label=value,...}": value} (plain names for unlabelled samples)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return values
+
+
+def wait_until_idle(base_url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs, waits or holds a KV block; returns the last scrape."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(base_url)
+        idle = (m["textcomplete_requests_running"] == 0 and m["textcomplete_requests_waiting"] == 0
+                and m["textcomplete_kv_blocks_used"] == 0 and m["textcomplete_requests_in_flight"] == 0)
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)

@@ -5,11 +5,13 @@ Semantics live in `serving.py`; this module only moves JSON and bytes.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,23 +20,59 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from textcomplete.api.errors import APIError, invalid, model_not_found, server_error
+from textcomplete.api.metrics import CONTENT_TYPE, Metrics
 from textcomplete.api.protocol import parse_completion_request
-from textcomplete.api.serving import CompletionService
+from textcomplete.api.serving import CompletionService, RequestInfo
 
 log = logging.getLogger("textcomplete.server")
+access_log = logging.getLogger("textcomplete.access")
+CLIENT_CLOSED = 499   # the client left before the response (nginx's convention); never seen by a client
 
 MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
                "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) "
                "if you're accessing the API from your browser and are prompted for a username.")
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/metrics"}
 
 
 def mask_key(key: str) -> str:
     return f"{key[:5]}{'*' * 12}{key[-4:]}" if len(key) > 9 else "*" * len(key)
 
 
-def error_response(error: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.status, headers=headers)
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status, headers=error.headers or None)
+
+
+def key_id(key: str) -> str:
+    """A stable, non-reversible name for an API key, for logs and per-key limits."""
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its (non-streamed) response was ready."""
+
+
+async def _until_disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Await `work`, but cancel it (and so abort its engine requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    try:
+        await task   # let the cancellation run the work's cleanup before answering
+    except (asyncio.CancelledError, Exception):   # noqa: BLE001 - the client is gone either way
+        pass
+    raise ClientDisconnected
 
 
 async def _json_body(request: Request) -> object:
@@ -53,13 +91,15 @@ def _sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def _sse_stream(chunks: AsyncIterator[dict], info: RequestInfo) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield _sse(chunk)
     except APIError as exc:
+        info.error = exc.message
         yield _sse({"error": {**exc.envelope()["error"], "type": "server_error"}})
-    except Exception:   # noqa: BLE001 - the stream has begun: report in-band (R46s)
+    except Exception as exc:   # noqa: BLE001 - the stream has begun: report in-band (R46s)
+        info.error = f"{type(exc).__name__}: {exc}"
         log.exception("stream failed")
         yield _sse(server_error().envelope())
     finally:
@@ -70,6 +110,8 @@ async def _sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
 def build_app(service: CompletionService, api_keys: list[str], created: int | None = None) -> Starlette:
     created = created or int(time.time())
     tokenizer = service.tokenizer
+    metrics = Metrics(service.engine.stats, service.admission)
+    service.metrics = metrics
 
     def model_object(name: str) -> dict:
         # `supports_suffix` is ours: whether the model can insert (fill in the middle) with `suffix`.
@@ -77,12 +119,21 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
                 "supports_suffix": service.supports_suffix}
 
     async def completions(request: Request) -> Response:
+        info: RequestInfo = request.scope["state"]["info"]
         req = parse_completion_request(await _json_body(request))
         if req.stream:
-            chunks = await service.stream(req)
-            return StreamingResponse(_sse_stream(chunks), media_type="text/event-stream",
+            chunks = await service.stream(req, info)
+            return StreamingResponse(_sse_stream(chunks, info), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        return JSONResponse(await service.complete(req))
+        try:
+            return JSONResponse(await _unless_disconnected(request, service.complete(req, info)))
+        except asyncio.CancelledError:   # the server cancelled it (shutdown deadline): say so, in the envelope
+            info.error = "aborted: the server is shutting down"
+            return error_response(APIError(503, "The server is shutting down and aborted this request. Please "
+                                                "retry.", type="server_error", code="server_shutting_down"))
+
+    async def metrics_page(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [model_object(n) for n in service.model_names]})
@@ -135,8 +186,14 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
                                            code="unknown_url"))
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
+    async def on_client_gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("request failed")
+        info = request.scope.get("state", {}).get("info")
+        if info is not None:
+            info.error = f"{type(exc).__name__}: {exc}"
         return error_response(server_error())
 
     routes = [
@@ -145,48 +202,129 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/models/{model:path}", delete_model, methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                                       Exception: on_error})
-    return RequestIdAndAuth(app, api_keys, service.capacity_headers)
+                                                       ClientDisconnected: on_client_gone, Exception: on_error})
+    return RequestIdAndAuth(app, api_keys, service, metrics)
 
 
 class RequestIdAndAuth:
-    """ASGI middleware: refuse requests without a valid key (when keys are set); tag every response with an
-    id and the informational x-ratelimit-* headers (R54)."""
+    """ASGI middleware around every HTTP request: the request id, API keys, the body's size and time limits,
+    the x-ratelimit-* headers (R54), and afterwards the request's metrics and its one log line."""
 
-    def __init__(self, app, api_keys: list[str], capacity_headers) -> None:
-        self.app, self.api_keys, self.capacity_headers = app, api_keys, capacity_headers
+    def __init__(self, app, api_keys: list[str], service: CompletionService, metrics: Metrics) -> None:
+        self.app, self.api_keys, self.service, self.metrics = app, api_keys, service, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
         request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+        key = _bearer_key(request)
+        info = RequestInfo(key_id=key_id(key) if key else "-")
+        scope.setdefault("state", {})["info"] = info
+        status = CLIENT_CLOSED
 
         async def send_with_id(message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message.setdefault("headers", [])
-                extra = [("x-request-id", request_id), *self.capacity_headers().items()]
+                extra = [("x-request-id", request_id), *self.service.capacity_headers(info.key_id).items()]
                 message["headers"] = list(message["headers"]) + [(k.encode(), v.encode()) for k, v in extra]
             await send(message)
 
-        error = _auth_error(request, self.api_keys)
-        if error is not None:
-            return await error_response(error)(scope, receive, send_with_id)
-        await self.app(scope, receive, send_with_id)
+        try:
+            error = _auth_error(request, self.api_keys, key)
+            if error is not None:
+                return await error_response(error)(scope, receive, send_with_id)
+            limits = self.service.limits
+            await self.app(scope, _limited_body(receive, limits.max_request_body_bytes, limits.request_body_timeout),
+                           send_with_id)
+        finally:
+            info.release()
+            self._record(request, request_id, info, status)
+
+    def _record(self, request: Request, request_id: str, info: RequestInfo, status: int) -> None:
+        path = request.url.path
+        latency = time.monotonic() - info.arrival
+        label = path if path in _METRIC_PATHS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        self.metrics.requests.labels(path=label, status=str(status)).inc()
+        if info.model is None:    # not a completion that got as far as the engine
+            if path not in ("/metrics", "/health"):
+                access_log.info(json.dumps({"request_id": request_id, "method": request.method, "path": path,
+                                            "status": status, "latency_ms": round(latency * 1000, 1),
+                                            "key_id": info.key_id}))
+            return
+        self.metrics.prompt_tokens.inc(info.prompt_tokens if status == 200 else 0)
+        self.metrics.generation_tokens.inc(info.completion_tokens)
+        if status == 200:
+            self.metrics.request_duration.observe(latency)
+        line = {"request_id": request_id, "method": request.method, "path": path, "status": status,
+                "model": info.model, "stream": info.stream, "prompt_tokens": info.prompt_tokens,
+                "completion_tokens": info.completion_tokens, "latency_ms": round(latency * 1000, 1),
+                "ttft_ms": None if info.first_token_at is None else round((info.first_token_at - info.arrival) * 1000, 1),
+                "user": info.user, "key_id": info.key_id}
+        if info.error:
+            line["error"] = info.error
+        access_log.info(json.dumps(line, ensure_ascii=False))
 
 
-def _auth_error(request: Request, api_keys: list[str]) -> APIError | None:
+_METRIC_PATHS = {"/v1/completions", "/v1/models", "/health", "/metrics", "/tokenizer_info", "/tokenize", "/detokenize"}
+
+
+def _limited_body(receive, max_bytes: int, timeout: float):
+    """`receive` that refuses a body over `max_bytes` (413) or one not complete within `timeout` seconds (408).
+
+    A body somewhat over the limit is read to its end first, so the client sees the 413 rather than a reset.
+    """
+    deadline = time.monotonic() + timeout
+    received, complete = 0, False
+
+    async def next_message():
+        try:
+            return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {timeout:g} seconds.",
+                           code="request_timeout") from None
+
+    async def limited():
+        nonlocal received, complete
+        if complete:
+            return await receive()
+        message = await next_message()
+        if message["type"] != "http.request":
+            return message
+        received += len(message.get("body", b""))
+        complete = not message.get("more_body", False)
+        if received > max_bytes:
+            while not complete and received <= 4 * max_bytes:   # drain, so the answer can be read
+                message = await next_message()
+                if message["type"] != "http.request":
+                    break
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            raise APIError(413, f"The request body is too large: this server accepts at most {max_bytes} bytes.",
+                           code="request_too_large")
+        return message
+
+    return limited
+
+
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def _auth_error(request: Request, api_keys: list[str], key: str | None) -> APIError | None:
     if not api_keys or request.url.path in OPEN_PATHS:
         return None   # no key configured: the server is open (R9)
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    if key is None:
         return APIError(401, MISSING_KEY)
     if key not in api_keys:
         return APIError(401, f"Incorrect API key provided: {mask_key(key)}. You can find your API key at "

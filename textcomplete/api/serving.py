@@ -14,12 +14,33 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from textcomplete.api.errors import invalid, model_not_found
+from textcomplete.api.limits import Admission, KeyLimiter, ServerLimits, Ticket
 from textcomplete.api.protocol import CompletionRequest
 from textcomplete.api.text import ChoiceText
 from textcomplete.engine.async_engine import AsyncEngine
 from textcomplete.engine.outputs import TokenLogprob
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.fim import detect_fim
+
+
+@dataclass
+class RequestInfo:
+    """What one HTTP request did, filled in as it runs: for its log line, the metrics and its queue place."""
+
+    key_id: str = "-"
+    arrival: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    user: str | None = None
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    error: str | None = None
+    ticket: Ticket | None = None
+
+    def release(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
 
 
 @dataclass
@@ -57,8 +78,12 @@ class Candidate:
 
 
 class CompletionService:
-    def __init__(self, engine: AsyncEngine, model_names: list[str]) -> None:
+    def __init__(self, engine: AsyncEngine, model_names: list[str], limits: ServerLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or ServerLimits()
+        self.admission = Admission(engine.max_num_seqs, self.limits.max_queued_requests)
+        self.key_limiter = KeyLimiter(self.limits.requests_per_minute, self.limits.tokens_per_minute)
+        self.metrics = None   # a Metrics, when the server exposes them
         self.tokenizer = engine.tokenizer
         self.model_names = model_names
         self.fingerprint = engine.fingerprint
@@ -72,13 +97,18 @@ class CompletionService:
     def supports_suffix(self) -> bool:
         return self.fim is not None
 
-    def capacity_headers(self) -> dict[str, str]:
-        """x-ratelimit-* (R54): running requests against the batch size, free KV tokens against the cache."""
-        running, most, free_tokens, all_tokens = self.engine.load()
-        return {"x-ratelimit-limit-requests": str(most),
-                "x-ratelimit-remaining-requests": str(max(0, most - running)),
-                "x-ratelimit-reset-requests": "0s", "x-ratelimit-limit-tokens": str(all_tokens),
-                "x-ratelimit-remaining-tokens": str(free_tokens), "x-ratelimit-reset-tokens": "0s"}
+    def capacity_headers(self, key_id: str = "-") -> dict[str, str]:
+        """x-ratelimit-* (R54): the key's own budgets where per-key limits are set; otherwise the server's
+        capacity (engine requests in flight against running + queue, free KV tokens against the cache)."""
+        stats, block_size = self.engine.stats(), self.engine.block_size
+        headers = {"x-ratelimit-limit-requests": str(self.admission.capacity),
+                   "x-ratelimit-remaining-requests": str(max(0, self.admission.capacity - self.admission.in_flight)),
+                   "x-ratelimit-reset-requests": "0s", "x-ratelimit-limit-tokens": str(stats.kv_blocks_total * block_size),
+                   "x-ratelimit-remaining-tokens": str(stats.kv_blocks_free * block_size),
+                   "x-ratelimit-reset-tokens": "0s"}
+        if self.key_limiter.enabled:
+            headers |= self.key_limiter.headers(key_id)
+        return headers
 
     def _injected_fault(self, req: CompletionRequest) -> bool:
         return self.fault_injection and req.user == FAULT_USER
@@ -132,8 +162,25 @@ class CompletionService:
         if model not in self.model_names:
             raise model_not_found(model)
 
-    def _candidates(self, req: CompletionRequest) -> tuple[list[Candidate], list[SamplingParams]]:
+    def _check_size(self, req: CompletionRequest) -> None:
+        lim = self.limits
+        if len(req.prompts) > lim.max_prompts_per_request:
+            raise invalid(f"Invalid 'prompt': array too long. This server takes at most {lim.max_prompts_per_request} "
+                          f"prompts per request, but got {len(req.prompts)}.", param="prompt",
+                          code="array_above_max_length")
+        sequences = len(req.prompts) * req.best_of
+        if sequences > lim.max_sequences_per_request:
+            name = "best_of" if req.best_of > req.n else "n"
+            raise invalid(f"Too many completions: {len(req.prompts)} prompts x {name}={req.best_of} is {sequences}, "
+                          f"and this server generates at most {lim.max_sequences_per_request} per request.",
+                          param=name, code="invalid_value")
+
+    def _candidates(self, req: CompletionRequest,
+                    info: RequestInfo | None = None) -> tuple[list[Candidate], list[SamplingParams]]:
+        """Validate and prepare; with `info`, also charge the key's rate limits and take a place in the queue
+        (released through info.release())."""
         self.check_model(req.model)
+        self._check_size(req)
         prompts = self._prompts(req)
         base = uuid.uuid4().hex
         cands, params = [], []
@@ -146,15 +193,28 @@ class CompletionService:
                 self.engine.check_request(p.token_ids, params[-1])
             except ValueError as exc:
                 raise invalid(str(exc)) from exc
+        if info is not None:
+            info.model, info.user, info.stream = req.model, req.user, req.stream
+            info.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+            if self.key_limiter.enabled:
+                most = sum(len(p.token_ids) + req.best_of * (req.max_tokens if req.max_tokens is not None
+                                                             else self.max_model_len - len(p.token_ids))
+                           for p in prompts)
+                self.key_limiter.charge(info.key_id, most)
+            info.ticket = self.admission.admit(len(cands))
         return cands, params
 
     # ----- running -------------------------------------------------------------------------------
 
-    async def _run(self, cand: Candidate, params: SamplingParams, on_update=None) -> None:
+    async def _run(self, cand: Candidate, params: SamplingParams, on_update=None,
+                   info: RequestInfo | None = None) -> None:
         """Drive one candidate to its end, feeding its text; stops early on a stop sequence."""
+        last_token_at = None
         try:
             stream = self.engine.generate(cand.engine_id, cand.prompt.token_ids, params)
             async for out in stream:
+                if out.new_token_ids and info is not None:
+                    last_token_at = self._observe_tokens(info, last_token_at, len(out.new_token_ids))
                 cand.prompt_logprobs.extend(out.prompt_logprobs)
                 cand.logprobs.extend(out.logprobs)
                 cand.num_generated += len(out.new_token_ids)
@@ -172,9 +232,29 @@ class CompletionService:
         except ValueError as exc:   # the engine refused it: a request that can never run
             raise invalid(str(exc)) from exc
 
-    async def complete(self, req: CompletionRequest) -> dict:
-        cands, params = self._candidates(req)
-        await _gather_all(self._run(c, p) for c, p in zip(cands, params))
+    def _observe_tokens(self, info: RequestInfo, last_token_at: float | None, count: int) -> float:
+        """Record time to first token / per-token latency of one candidate's new tokens; returns now."""
+        now = time.monotonic()
+        if info.first_token_at is None:
+            info.first_token_at = now
+        if self.metrics is not None:
+            if last_token_at is None:
+                self.metrics.time_to_first_token.observe(now - info.arrival)
+                count -= 1
+            if count > 0 and last_token_at is not None:
+                for _ in range(count):
+                    self.metrics.inter_token_latency.observe((now - last_token_at) / count)
+        return now
+
+    async def complete(self, req: CompletionRequest, info: RequestInfo | None = None) -> dict:
+        info = info or RequestInfo()
+        cands: list[Candidate] = []
+        try:
+            cands, params = self._candidates(req, info)
+            await _gather_all(self._run(c, p, info=info) for c, p in zip(cands, params))
+        finally:
+            info.release()
+            info.completion_tokens = sum(c.num_generated for c in cands)
         if self._injected_fault(req):
             raise RuntimeError("injected fault")
         chosen = self._choose(req, cands)
@@ -196,19 +276,23 @@ class CompletionService:
                 chosen.append(c)
         return chosen
 
-    async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
-        """Validate first (errors raise here, before any chunk), then return the chunk iterator."""
-        cands, params = self._candidates(req)
-        return self._chunks(req, cands, params)
+    async def stream(self, req: CompletionRequest, info: RequestInfo | None = None) -> AsyncIterator[dict]:
+        """Validate first (errors raise here, before any chunk), then return the chunk iterator.
+
+        The iterator releases the request's queue place when it ends; if it is never iterated, the
+        caller must call info.release()."""
+        info = info or RequestInfo()
+        cands, params = self._candidates(req, info)
+        return self._chunks(req, cands, params, info)
 
     async def _chunks(self, req: CompletionRequest, cands: list[Candidate],
-                      params: list[SamplingParams]) -> AsyncIterator[dict]:
+                      params: list[SamplingParams], info: RequestInfo) -> AsyncIterator[dict]:
         completion_id, created = _new_id(), int(time.time())
         updates: asyncio.Queue = asyncio.Queue()
 
         async def run(cand: Candidate, p: SamplingParams) -> None:
             try:
-                await self._run(cand, p, updates.put_nowait)
+                await self._run(cand, p, updates.put_nowait, info)
                 updates.put_nowait(_DONE)
             except BaseException as exc:   # noqa: BLE001 - handed to the consumer, which re-raises
                 updates.put_nowait(exc)
@@ -229,13 +313,18 @@ class CompletionService:
                     yield self._stream_envelope(req, completion_id, created, [chunk])
                     if self._injected_fault(req):
                         raise RuntimeError("injected fault")
+            usage = self._usage(cands)
+            info.completion_tokens = usage["completion_tokens"]
             if req.include_usage:
                 body = self._envelope(req, completion_id, created, [])
-                body["usage"] = self._usage(cands)
+                body["usage"] = usage
                 yield body
         finally:
             for task in tasks:
                 task.cancel()
+            info.release()
+            if info.completion_tokens == 0:   # ended early: count what was generated
+                info.completion_tokens = sum(c.num_generated for c in cands)
 
     def _delta(self, req: CompletionRequest, cand: Candidate) -> dict | None:
         """The next chunk of one choice: the text and tokens released since the last one, if any."""

@@ -40,6 +40,7 @@ class ServerProcess:
 
     def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, env: dict | None = None) -> None:
         self.port = port
+        self.log_path = log
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from textcomplete.config import EngineConfig
 from textcomplete.engine.engine import LLMEngine
-from textcomplete.engine.outputs import RequestOutput
+from textcomplete.engine.outputs import EngineStats, RequestOutput
 from textcomplete.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class AsyncEngine:
         self._streams: dict[str, _Add] = {}     # touched only by the engine thread
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
+        self._stats = EngineStats()   # replaced (never mutated) by the engine thread after each step
         self.engine = engine
         self._thread = threading.Thread(target=self._run, args=(config,), name="engine-loop", daemon=True)
         self._thread.start()
@@ -69,12 +70,17 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.engine.loaded.spec.vocab_size
 
-    def load(self) -> tuple[int, int, int, int]:
-        """(requests in flight, most that run at once, free KV tokens, all KV tokens): a racy but harmless
-        read of counters the engine thread owns, for informational headers."""
-        allocator = self.engine.allocator
-        return (len(self._streams), self.engine.config.max_num_seqs,
-                allocator.num_free_blocks * allocator.block_size, allocator.num_blocks * allocator.block_size)
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.config.block_size
+
+    def stats(self) -> EngineStats:
+        """The engine's load and counters as of its last step or command (safe from any thread)."""
+        return self._stats
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError if the engine could never run this request (safe from any thread)."""
@@ -95,6 +101,9 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if item.finish_reason == "error":
+                    finished = True
+                    raise RuntimeError(item.error or "the engine failed this request")
                 finished = item.finished
                 yield item
         finally:
@@ -117,12 +126,14 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
+        self._stats = self.engine.stats()
         while True:
             # Block for a command only when there is nothing to compute.
             if not self._drain_commands(block=not self.engine.has_unfinished_requests()):
                 return
             if self.engine.has_unfinished_requests():
                 self._step()
+            self._stats = self.engine.stats()
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; False when told to stop."""

@@ -14,7 +14,7 @@ import torch
 from textcomplete.config import EngineConfig
 from textcomplete.engine.block_manager import BlockAllocator
 from textcomplete.engine.fingerprint import system_fingerprint
-from textcomplete.engine.outputs import RequestOutput
+from textcomplete.engine.outputs import EngineStats, RequestOutput
 from textcomplete.engine.request import Request
 from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
@@ -108,6 +108,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> EngineStats:
+        a, s = self.allocator, self.scheduler
+        return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=a.num_blocks,
+                           kv_blocks_used=a.num_used_blocks, kv_blocks_free=a.num_free_blocks,
+                           kv_blocks_cached=a.num_cached_blocks, prefix_cache_queried_tokens=s.prompt_tokens_looked_up,
+                           prefix_cache_hit_tokens=s.prompt_tokens_cached, preemptions=s.num_preemptions,
+                           prefix_cache_evictions=a.num_evictions)
+
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.chunks:
@@ -120,6 +128,12 @@ class LLMEngine:
         request.num_computed_tokens = chunk.end
         self.allocator.cache_full_blocks(request)
         request.next_prompt_logprob_pos += len(result.prompt_logprobs)
+        if result.error is not None:   # this request alone failed (e.g. in sampling): end it, keep the rest
+            self.requests.pop(request.request_id, None)
+            self.scheduler.remove(request)
+            request.finish_reason = "error"
+            return RequestOutput(request.request_id, (), finished=True, finish_reason="error",
+                                 num_prompt_tokens=request.prompt_len, error=result.error)
         new_tokens = ()
         if result.token_id is not None:
             request.token_ids.append(result.token_id)

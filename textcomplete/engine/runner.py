@@ -6,6 +6,7 @@ kv_heads, head_dim] tensor per layer (key and value of a slot side by side), slo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ from textcomplete.engine.scheduler import ScheduledChunk, SchedulerOutput
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, PrefillSpan
 from textcomplete.models.spec import ModelSpec
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ChunkResult:
@@ -25,6 +28,7 @@ class ChunkResult:
     token_id: int | None = None
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None    # this chunk's request failed alone; the others in the step are unaffected
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -130,7 +134,18 @@ class ModelRunner:
         picks = [(r, i) for r, (i, p) in enumerate(row_owner) if p is None]
         if not picks:
             return
-        sampled = self.sampler(logits[[r for r, _ in picks]], [results[i].chunk.request for _, i in picks])
+        try:
+            sampled = self.sampler(logits[[r for r, _ in picks]], [results[i].chunk.request for _, i in picks])
+        except Exception:   # noqa: BLE001 - one request's settings broke the batch: find it, spare the others
+            log.exception("batched sampling failed; sampling each request alone")
+            for r, i in picks:
+                try:
+                    one = self.sampler(logits[[r]], [results[i].chunk.request])
+                except Exception as exc:   # noqa: BLE001 - fails this request only
+                    results[i].error = f"sampling failed: {exc}"
+                    continue
+                results[i].token_id, results[i].logprob = one.token_ids[0], one.logprobs[0]
+            return
         for (_, i), token, lp in zip(picks, sampled.token_ids, sampled.logprobs):
             results[i].token_id, results[i].logprob = token, lp
 
