@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Awaitable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from textcomplete.api.errors import APIError, invalid, model_not_found, server_error
@@ -32,10 +33,24 @@ MISSING_KEY = ("You didn't provide an API key. You need to provide your API key 
                "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) "
                "if you're accessing the API from your browser and are prompted for a username.")
 OPEN_PATHS = {"/health", "/metrics"}
+BAD_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
+            "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. If you "
+            "have trouble figuring out how to fix this, please contact us through our help center at "
+            "help.openai.com.)")
 
 
 def mask_key(key: str) -> str:
     return f"{key[:5]}{'*' * 12}{key[-4:]}" if len(key) > 9 else "*" * len(key)
+
+
+class JSONResponse(_StarletteJSON):
+    """UTF-8 JSON; text that cannot be UTF-8 (a lone surrogate echoed from a request) is escaped as \\uXXXX."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -75,15 +90,36 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     raise ClientDisconnected
 
 
+def _lone_surrogate(value: object) -> bool:
+    """Whether any string in a parsed JSON value holds a lone surrogate (valid JSON, but not Unicode text)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 async def _json_body(request: Request) -> object:
     raw = await request.body()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:
+        raise invalid("The JSON body of your request is nested too deeply.") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid("We could not parse the JSON body of your request. (HINT: This likely means you aren't "
-                      "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
-                      "sent was not valid JSON. If you have trouble figuring out how to fix this, please "
-                      "contact us through our help center at help.openai.com.)") from None
+        raise invalid(BAD_JSON) from None
+    if _lone_surrogate(body):
+        raise invalid("The JSON body of your request has a string that is not valid Unicode (a lone surrogate "
+                      "such as \\ud800).")
+    return body
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -271,7 +307,7 @@ class RequestIdAndAuth:
                 "user": info.user, "key_id": info.key_id}
         if info.error:
             line["error"] = info.error
-        access_log.info(json.dumps(line, ensure_ascii=False))
+        access_log.info(json.dumps(line))   # ASCII: a log line never fails on odd text
 
 
 _METRIC_PATHS = {"/v1/completions", "/v1/models", "/health", "/metrics", "/tokenizer_info", "/tokenize", "/detokenize"}
