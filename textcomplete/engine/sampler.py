@@ -29,14 +29,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
         """logits: [len(requests), vocab] float32, one row per request."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        wanted = [r.params.logprobs for r in requests]
+        # Only rows that report logprobs need the normalised distribution.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in wanted) else None
         scores = self._apply_biases(logits, requests)
         token_ids = torch.argmax(scores, dim=-1)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
             token_ids[sampled_rows] = self._sample(scores[sampled_rows], [requests[i] for i in sampled_rows])
         ids = token_ids.tolist()
-        return SampledTokens(ids, token_logprobs(raw_logprobs, ids, [r.params.logprobs for r in requests]))
+        if raw_logprobs is None:
+            return SampledTokens(ids, [None] * len(ids))
+        return SampledTokens(ids, token_logprobs(raw_logprobs, ids, wanted))
 
     @staticmethod
     def _apply_biases(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
