@@ -129,3 +129,10 @@ def test_r52_sdk_raises_typed_errors_and_r53_does_not_retry(server):
         c.completions.create(model=MODEL, prompt="x", temperature=5)
     assert info.value.status_code == 400 and info.value.param == "temperature"
     assert info.value.response.headers.get("x-request-id")
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "%s", "temperature": NaN}', b'{"model": "%s", "top_p": -Infinity}',
+                                 b'{"model": "%s", "prompt": "\\ud83d"}', b'{"model": "%s", "x": ' + b"[" * 50000])
+def test_non_json_numbers_lone_surrogates_and_deep_nesting_are_400(http, raw):
+    r = post(http, raw.replace(b"%s", MODEL.encode()))
+    assert_error(r, 400)

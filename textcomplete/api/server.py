@@ -108,13 +108,17 @@ def _lone_surrogate(value: object) -> bool:
     return False
 
 
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")   # Python's parser would take NaN and Infinity as numbers
+
+
 async def _json_body(request: Request) -> object:
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise invalid("The JSON body of your request is nested too deeply.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):   # JSONDecodeError is a ValueError
         raise invalid(BAD_JSON) from None
     if _lone_surrogate(body):
         raise invalid("The JSON body of your request has a string that is not valid Unicode (a lone surrogate "
