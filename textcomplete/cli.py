@@ -13,6 +13,7 @@ import platform
 import sys
 
 from textcomplete import __version__
+from textcomplete.api.limits import ServerLimits
 from textcomplete.config import EngineConfig, parse_size
 
 
@@ -78,7 +79,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from textcomplete.api.limits import ServerLimits
     from textcomplete.api.server import build_app
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
@@ -315,20 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 30).")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)  # for tests
     limits = serve.add_argument_group("limits")
-    limits.add_argument("--max-queued-requests", type=int, default=1024, metavar="N",
+    defaults = ServerLimits()
+    limits.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests, metavar="N",
                         help="Engine requests (one per prompt and candidate) that may wait beyond those running; "
-                             "past it, requests get 429 with Retry-After (default: 1024).")
-    limits.add_argument("--max-request-body", dest="max_request_body_bytes", type=parse_size, default=16 << 20,
-                        metavar="SIZE", help="Largest request body; larger ones get 413 (default: 16MiB).")
-    limits.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="Time to receive a whole request body; slower ones get 408 (default: 30).")
-    limits.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
-                        help="Most prompts in one request (default: 1024).")
-    limits.add_argument("--max-sequences-per-request", type=int, default=1024, metavar="N",
-                        help="Most prompts x best_of (or n) in one request (default: 1024).")
-    limits.add_argument("--requests-per-minute", type=int, default=0, metavar="N",
+                             f"past it, requests get 429 with Retry-After (default: {defaults.max_queued_requests}).")
+    limits.add_argument("--max-request-body", dest="max_request_body_bytes", type=parse_size,
+                        default=defaults.max_request_body_bytes, metavar="SIZE",
+                        help="Largest request body; larger ones get 413 "
+                             f"(default: {defaults.max_request_body_bytes >> 20}MiB).")
+    limits.add_argument("--request-body-timeout", type=float, default=defaults.request_body_timeout,
+                        metavar="SECONDS", help="Time to receive a whole request body; slower ones get 408 "
+                                                f"(default: {defaults.request_body_timeout:g}).")
+    limits.add_argument("--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request,
+                        metavar="N", help=f"Most prompts in one request (default: {defaults.max_prompts_per_request}).")
+    limits.add_argument("--max-sequences-per-request", type=int, default=defaults.max_sequences_per_request,
+                        metavar="N", help="Most prompts x best_of (or n) in one request "
+                                          f"(default: {defaults.max_sequences_per_request}).")
+    limits.add_argument("--requests-per-minute", type=int, default=defaults.requests_per_minute, metavar="N",
                         help="Per API key: completion requests per minute; 0 for no limit (default: 0).")
-    limits.add_argument("--tokens-per-minute", type=int, default=0, metavar="N",
+    limits.add_argument("--tokens-per-minute", type=int, default=defaults.tokens_per_minute, metavar="N",
                         help="Per API key: prompt tokens plus the most completion tokens asked for, per minute; "
                              "0 for no limit (default: 0).")
     serve.add_argument("--served-model-name", default=None,

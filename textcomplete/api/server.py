@@ -300,9 +300,9 @@ class RequestIdAndAuth:
                                             "status": status, "latency_ms": round(latency * 1000, 1),
                                             "key_id": info.key_id}))
             return
-        self.metrics.prompt_tokens.inc(info.prompt_tokens if status == 200 else 0)
         self.metrics.generation_tokens.inc(info.completion_tokens)
         if status == 200:
+            self.metrics.prompt_tokens.inc(info.prompt_tokens)
             self.metrics.request_duration.observe(latency)
         line = {"request_id": request_id, "method": request.method, "path": path, "status": status,
                 "model": info.model, "stream": info.stream, "prompt_tokens": info.prompt_tokens,

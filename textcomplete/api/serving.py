@@ -313,18 +313,15 @@ class CompletionService:
                     yield self._stream_envelope(req, completion_id, created, [chunk])
                     if self._injected_fault(req):
                         raise RuntimeError("injected fault")
-            usage = self._usage(cands)
-            info.completion_tokens = usage["completion_tokens"]
             if req.include_usage:
                 body = self._envelope(req, completion_id, created, [])
-                body["usage"] = usage
+                body["usage"] = self._usage(cands)
                 yield body
         finally:
             for task in tasks:
                 task.cancel()
             info.release()
-            if info.completion_tokens == 0:   # ended early: count what was generated
-                info.completion_tokens = sum(c.num_generated for c in cands)
+            info.completion_tokens = sum(c.num_generated for c in cands)   # also when it ended early
 
     def _delta(self, req: CompletionRequest, cand: Candidate) -> dict | None:
         """The next chunk of one choice: the text and tokens released since the last one, if any."""

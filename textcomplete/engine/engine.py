@@ -128,17 +128,13 @@ class LLMEngine:
         request.num_computed_tokens = chunk.end
         self.allocator.cache_full_blocks(request)
         request.next_prompt_logprob_pos += len(result.prompt_logprobs)
-        if result.error is not None:   # this request alone failed (e.g. in sampling): end it, keep the rest
-            self.requests.pop(request.request_id, None)
-            self.scheduler.remove(request)
-            request.finish_reason = "error"
-            return RequestOutput(request.request_id, (), finished=True, finish_reason="error",
-                                 num_prompt_tokens=request.prompt_len, error=result.error)
         new_tokens = ()
-        if result.token_id is not None:
+        if result.error is not None:   # this request alone failed (e.g. in sampling): end it, keep the rest
+            request.finish_reason = "error"
+        elif result.token_id is not None:
             request.token_ids.append(result.token_id)
             new_tokens = (result.token_id,)
-        if completes:
+        if completes and request.finish_reason is None:
             request.finish_reason = self._finish_reason(request)
         if not new_tokens and not result.prompt_logprobs and request.finish_reason is None:
             return None   # a prompt chunk with nothing to report yet
@@ -150,7 +146,8 @@ class LLMEngine:
             logprobs=(result.logprob,) if result.logprob is not None else (),
             prompt_logprobs=tuple(result.prompt_logprobs),
             finished=request.finish_reason is not None, finish_reason=request.finish_reason,
-            num_prompt_tokens=request.prompt_len, num_cached_tokens=request.num_cached_tokens or 0)
+            num_prompt_tokens=request.prompt_len, num_cached_tokens=request.num_cached_tokens or 0,
+            error=result.error)
 
     def _finish_reason(self, request: Request) -> str | None:
         params = request.params

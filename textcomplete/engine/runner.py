@@ -58,12 +58,13 @@ class ModelRunner:
         for c in chunks:
             ids.extend(c.request.token_ids[c.start:c.end])
             pos.extend(range(c.start, c.end))
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        meta = AttentionMetadata(slot_mapping=self._slots_of(chunks), num_decode_tokens=len(decodes))
+        decodes = [c for c in chunks if c.num_tokens == 1]   # `execute` sorts them first
+        tables = self._block_tables(chunks)
+        meta = AttentionMetadata(slot_mapping=self._slots_of(chunks, tables), num_decode_tokens=len(decodes))
         if decodes:
             ends = [c.end for c in decodes]
             width = max(ends)
-            tables = self._block_tables(decodes)
+            tables = tables[:len(decodes)]
             offsets = torch.arange(self.block_size, device=self.device)
             key_slots = (tables[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :width]
             meta.decode_key_slots = key_slots.reshape(-1)
@@ -90,9 +91,8 @@ class ModelRunner:
         rows = [u + [0] * (width - len(u)) for u in used]
         return torch.tensor(rows, dtype=torch.long, device=self.device)   # [n, max_blocks]
 
-    def _slots_of(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Cache slot of every token computed this step, in step order."""
-        tables = self._block_tables(chunks)
+    def _slots_of(self, chunks: list[ScheduledChunk], tables: torch.Tensor) -> torch.Tensor:
+        """Cache slot of every token computed this step, in step order (`tables` from `_block_tables`)."""
         parts = []
         for i, c in enumerate(chunks):
             p = torch.arange(c.start, c.end, device=self.device)

@@ -102,12 +102,10 @@ class RotaryEmbedding(nn.Module):
         [2, half] view: three operators per call instead of the slices and concatenations.
         """
         rot = cos.shape[-1]
-        if rot == x.shape[-1]:
-            swapped = x.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
-            return torch.addcmul(x * cos, swapped, signed_sin)
-        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        x_rot = x[..., :rot]
         swapped = x_rot.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
-        return torch.cat((torch.addcmul(x_rot * cos, swapped, signed_sin), x_pass), dim=-1)
+        out = torch.addcmul(x_rot * cos, swapped, signed_sin)
+        return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
 
 class PagedAttention(nn.Module):
