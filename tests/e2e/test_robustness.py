@@ -88,13 +88,32 @@ def test_an_oversized_body_gets_413_and_is_not_retried(limited, http):
     assert http.get("/health").status_code == 200
 
 
+def _read_response(sock: socket.socket) -> str:
+    """Read one HTTP response whole: headers and body may arrive in separate packets."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return (head + b"\r\n\r\n" + rest).decode()
+
+
 def test_a_body_that_never_finishes_gets_408_and_frees_the_worker(limited, http):
     port = int(limited.base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         start = time.monotonic()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
-        reply = sock.recv(65536).decode()
+        reply = _read_response(sock)
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert time.monotonic() - start < 10
         assert '"code":"request_timeout"' in reply.replace(" ", "")
