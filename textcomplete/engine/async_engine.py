@@ -165,10 +165,15 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as exc:   # noqa: BLE001 - fail the running requests, keep the loop alive
             log.exception("engine step failed; aborting the requests it held")
-            for request_id in list(self._streams):
+            failed = list(self._streams)
+            for request_id in failed:
                 self.engine.abort_request(request_id)
+            self._stats = self.engine.stats()
+            for request_id in failed:
                 _send(self._streams.pop(request_id), RuntimeError(f"engine error: {exc}"))
             return
+        # Publish before delivering: a caller that has its last output then reads stats at least that new.
+        self._stats = self.engine.stats()
         for out in outputs:
             self._deliver(out)
 

@@ -67,11 +67,11 @@ class ModelRunner:
             tables = tables[:len(decodes)]
             offsets = torch.arange(self.block_size, device=self.device)
             key_slots = (tables[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :width]
-            meta.decode_key_slots = key_slots.reshape(-1)
+            meta.decode_key_slots = key_slots.contiguous().view(-1)   # a column slice: copy, then flatten
+            meta.decode_key_lens = torch.tensor(ends, dtype=torch.long, device=self.device)
             if min(ends) < width:   # shorter requests' padding keys are masked out
                 keys = torch.arange(width, device=self.device)
-                ends_t = torch.tensor(ends, device=self.device)
-                meta.decode_key_mask = (keys[None, :] < ends_t[:, None])[:, None, None, :]
+                meta.decode_key_mask = (keys[None, :] < meta.decode_key_lens[:, None])[:, None, None, :]
         offset = len(decodes)
         for c in chunks[len(decodes):]:
             mask = None
