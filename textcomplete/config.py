@@ -39,6 +39,10 @@ class EngineConfig:
         "help": "Weight-only quantization of the linear layers on the CPU: none (exact float weights), int8 "
                 "(per channel) or int4 (groups of 32); int8 and int4 decode faster and round activations "
                 "to bfloat16 in matmuls."})
+    native_decode: bool = field(default=True, metadata={
+        "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
+                "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "
+                "or a failed build, uses PyTorch operators."})
     device: str = field(default="auto", metadata={
         "help": "cpu, cuda, or auto (the GPU when torch has one)."})
     kv_cache_memory: int = field(default=2 << 30, metadata={

@@ -19,6 +19,7 @@ from textcomplete.engine.request import Request
 from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
+from textcomplete.kernels import decode_layers
 from textcomplete.models.loader import LoadedModel, load_model
 from textcomplete.models.quant import quantize_linears
 
@@ -59,6 +60,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, loaded.dtype,
                                   loaded.device, config.seed)
+        if hasattr(loaded.model, "use_native_decode"):
+            native = config.native_decode and loaded.device.type == "cpu" and loaded.dtype == torch.float32
+            loaded.model.use_native_decode(decode_layers() if native else None)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, loaded.device, config)

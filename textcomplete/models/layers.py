@@ -38,6 +38,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_key_slots: torch.Tensor | None = None     # [num_decode * max_keys] long: each decode's key slots
     decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool; None when no padding
+    decode_key_lens: torch.Tensor | None = None      # [num_decode] long: how many of each row's key slots are real
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
+from textcomplete.models.quant import FLOAT_ROWS, Int4Linear, Int8Linear
 from textcomplete.models.spec import ModelSpec
 
 
@@ -124,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
         theta, scaling = rope_settings(cfg)
         rotary_dim = int(self.spec.head_dim * cfg.get("partial_rotary_factor", 1.0))
         self.rotary = RotaryEmbedding(rotary_dim, self.spec.max_position_embeddings, theta, scaling)
+        self.native_decode: NativeDecode | None = None
 
     @classmethod
     def spec_from_config(cls, cfg: dict) -> ModelSpec:
@@ -158,10 +160,16 @@ class LlamaForCausalLM(nn.Module):
             return None            # recomputed, and some old checkpoints carry it
         return name, tensor
 
+    def use_native_decode(self, kernels: object | None) -> None:
+        """Run decode-only steps through the fused native layers of `kernels` (None: PyTorch operators only)."""
+        self.native_decode = None if kernels is None else NativeDecode(self, kernels)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        if self.native_decode is not None and not meta.prefills and x.dtype == torch.float32:
+            return self.model.norm(self.native_decode(x, cos_sin, meta))
         for layer in self.model.layers:
             x = layer(x, cos_sin, meta)
         return self.model.norm(x)
@@ -169,3 +177,49 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab]."""
         return self.lm_head(hidden).float()
+
+
+class NativeDecode:
+    """Every decoder layer of a decode-only step in one native call (textcomplete/kernels/decode.cpp).
+
+    It computes what `LlamaDecoderLayer.forward` computes, with the same matmul kernels; only the small
+    operators between the matmuls become loops, which removes thousands of operator calls per token.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kernels: object) -> None:
+        self.kernels = kernels
+        self.spec = model.spec
+        self.rotary_dim = model.rotary.rotary_dim
+        first = model.model.layers[0]
+        self.eps = first.input_layernorm.eps
+        self.qk_norm = model.qk_norm
+        self.layers = model.model.layers
+        self.weights = [self._pack(layer) for layer in self.layers]
+        self.caches: list[torch.Tensor] | None = None
+
+    def _pack(self, layer: LlamaDecoderLayer) -> list[torch.Tensor]:
+        empty = torch.empty(0)
+        attn = layer.self_attn
+        tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   attn.q_norm.weight if self.qk_norm else empty, attn.k_norm.weight if self.qk_norm else empty]
+        for linear in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            if isinstance(linear, Int4Linear):
+                quantized = [linear.packed, linear.scales_zeros]
+            elif isinstance(linear, Int8Linear):
+                quantized = [linear.qweight, linear.scale]
+            else:
+                quantized = [empty, empty]
+            bias = linear.bias if linear.bias is not None else empty
+            tensors += [linear.weight, *quantized, bias]
+        return [t.detach().contiguous() for t in tensors]
+
+    def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.caches is None:   # the runner assigns the caches after the model is built
+            self.caches = [layer.self_attn.attn.kv_cache for layer in self.layers]
+        n = x.shape[0]
+        cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)
+        return self.kernels.decode_layers(
+            x.contiguous(), self.weights, self.caches, cos, sin, meta.slot_mapping,
+            meta.decode_key_slots.view(n, -1), meta.decode_key_lens, self.spec.num_heads,
+            self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, FLOAT_ROWS)

@@ -1,0 +1,99 @@
+"""The fused native decode layers compute what the PyTorch layers compute.
+
+Float32 is the exact mode: outputs and logprobs must agree to float rounding. In the int8/int4 modes
+activations are rounded to bfloat16 before each matmul, so a one-ulp difference upstream can flip a
+rounding; there one step's hidden states are compared with a tolerance instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.engine.test_batching import mixed_params, random_prompts, tiny_engine, tokens_of
+from textcomplete.engine.sampling_params import SamplingParams
+from textcomplete.kernels import decode_layers
+from textcomplete.models import llama
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = decode_layers()
+    assert built is not None, "the native decode kernels did not build (see the log for the compiler error)"
+    return built
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts decode steps that went through the native layers."""
+    calls = []
+    original = llama.NativeDecode.__call__
+
+    def counted(self, x, cos_sin, meta):
+        calls.append(x.shape[0])
+        return original(self, x, cos_sin, meta)
+    monkeypatch.setattr(llama.NativeDecode, "__call__", counted)
+    return calls
+
+
+def _run(engine, prompts, params):
+    outputs = engine.generate(prompts, params)
+    return [tokens_of(outs) for outs in outputs], [[lp for o in outs for lp in o.logprobs] for outs in outputs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_float32_native_decode_matches_pytorch_layers(tiny_model_dir, kernels, native_calls, arch):
+    prompts = random_prompts(9, seed=11, low=1, high=70)   # uneven lengths: padded key rows in the batch
+    params = [mixed_params(i) for i in range(9)]
+    params = [dataclasses.replace(p, logprobs=3) for p in params]
+    native = tiny_engine(tiny_model_dir, arch, enable_prefix_caching=False)
+    plain = tiny_engine(tiny_model_dir, arch, enable_prefix_caching=False, native_decode=False)
+    assert native.loaded.model.native_decode is not None and plain.loaded.model.native_decode is None
+    tokens_n, logprobs_n = _run(native, prompts, params)
+    calls_before = len(native_calls)
+    tokens_p, logprobs_p = _run(plain, prompts, params)
+    assert len(native_calls) == calls_before, "the engine without native decode used it"
+    assert calls_before > 0 and max(native_calls) > 1, "batched decode steps never reached the native layers"
+    assert tokens_n == tokens_p
+    for a, b in zip(logprobs_n, logprobs_p):   # the sampled token's logprob and the top 3
+        assert [[t for t, _ in x.top] for x in a] == [[t for t, _ in y.top] for y in b]
+        got = torch.tensor([[x.logprob, *(lp for _, lp in x.top)] for x in a])
+        want = torch.tensor([[y.logprob, *(lp for _, lp in y.top)] for y in b])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_batch_of_one_token_prompts_decodes_natively(tiny_model_dir, kernels, native_calls):
+    """Their first decode step reads one key each: the narrowest key table the runner builds."""
+    native = tiny_engine(tiny_model_dir, enable_prefix_caching=False)
+    plain = tiny_engine(tiny_model_dir, enable_prefix_caching=False, native_decode=False)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [[7], [8], [9], [10]]
+    assert _run(native, prompts, params)[0] == _run(plain, prompts, params)[0]
+    assert 4 in native_calls
+
+
+@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.01), ("int4", 0.01)])
+def test_quantized_native_decode_step_matches_pytorch_layers(tiny_model_dir, kernels, quantization, tolerance):
+    engine = tiny_engine(tiny_model_dir, "qwen2", quantization=quantization, enable_prefix_caching=False)
+    model = engine.loaded.model
+    for i, prompt in enumerate(random_prompts(5, seed=3, low=2, high=60)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while any(r.num_output_tokens == 0 for r in engine.requests.values()):
+        engine.step()
+    chunks = engine.scheduler.schedule().chunks            # the next step: five decodes
+    assert len(chunks) == 5 and all(c.num_tokens == 1 for c in chunks)
+    with torch.inference_mode():
+        ids, positions, meta = engine.runner._prepare(chunks)
+        native = model(ids, positions, meta)
+        model.use_native_decode(None)
+        plain = model(ids, positions, meta)
+    scale = plain.abs().max()
+    assert (native - plain).abs().max() / scale < tolerance
+
+
+def test_an_engine_can_turn_native_decode_off(tiny_model_dir, native_calls):
+    engine = tiny_engine(tiny_model_dir, native_decode=False)
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert engine.loaded.model.native_decode is None and native_calls == []

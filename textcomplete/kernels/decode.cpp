@@ -1,0 +1,201 @@
+// The decoder layers of the Llama family for one decode step, fused into one native call.
+//
+// A decode step computes one token per request. At batch 1 on a CPU the matmuls are a few dozen
+// microseconds each and everything between them (norms, rotary embedding, cache writes, attention over a
+// few hundred keys, SwiGLU, residual adds) is tiny, so issuing those as separate PyTorch operators from
+// Python costs more than computing them. Here they are plain loops over float32; the matmuls are the same
+// ATen kernels the PyTorch path calls (float32, or the weight-only int8/int4 kernels with bfloat16
+// activations), so both paths compute the same thing up to float rounding.
+//
+// Layout contract (see textcomplete/kernels/__init__.py, which packs the arguments):
+//   x            [n, hidden] float32 hidden states, one row per request
+//   cos, sin     [n, rotary_dim] float32 (sin with its first half negated: rotate-half as a swap)
+//   slot_mapping [n] int64: the cache slot each request's new key/value goes to
+//   key_slots    [n, width] int64: the cache slots of each request's keys, in position order
+//   key_lens     [n] int64: how many of a row's key slots are real (the rest is padding)
+//   caches       one [num_slots, 2, kv_heads, head_dim] float32 tensor per layer (key and value side by side)
+//   layers       per layer: ln1, ln2, q_norm, k_norm, then for qkv, o, gate_up, down:
+//                float weight, quantized weight, scales, bias (empty tensors where absent)
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kInt4Group = 32;
+
+struct Linear {
+  at::Tensor weight, qweight, scales, bias;
+};
+
+struct Shape {
+  int64_t heads, kv_heads, head_dim, rotary_dim, float_rows;
+  double eps;
+  bool qk_norm;
+};
+
+// y = x @ W.T (+ b). A layer with a quantized weight (int8: int8 values; int4: the packed layout) uses its
+// kernel for narrow batches and its float32 weight for wide ones, exactly as textcomplete.models.quant does.
+at::Tensor linear(const at::Tensor& x, const Linear& l, const Shape& s) {
+  at::Tensor y;
+  if (l.qweight.numel() > 0 && x.size(0) <= s.float_rows) {
+    at::Tensor xb = x.to(at::kBFloat16);
+    y = l.qweight.scalar_type() == at::kChar ? at::_weight_int8pack_mm(xb, l.qweight, l.scales)
+                                             : at::_weight_int4pack_mm_for_cpu(xb, l.qweight, kInt4Group, l.scales);
+    y = y.to(at::kFloat);
+  } else {
+    y = at::linear(x, l.weight);
+  }
+  if (l.bias.numel() > 0) y.add_(l.bias);
+  return y;
+}
+
+// out[i] = x[i] * rsqrt(mean(x^2) + eps) * w, over rows of length dim.
+void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, int64_t stride_in,
+              int64_t stride_out, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * stride_in;
+    float* o = out + r * stride_out;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) o[i] = xr[i] * inv * w[i];
+  }
+}
+
+// Rotate the first rotary_dim dims of one head in place: x*cos + swap_halves(x)*signed_sin.
+void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] + b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// One request's attention for one query head over its keys in the cache.
+void attend(const float* q, const float* cache, const int64_t* slots, int64_t num_keys, int64_t kv_head,
+            int64_t kv_heads, int64_t dim, float scale, float* scores, float* out) {
+  const int64_t slot_stride = 2 * kv_heads * dim;
+  const int64_t value_offset = kv_heads * dim;
+  float max_score = -INFINITY;
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const float* k = cache + slots[j] * slot_stride + kv_head * dim;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+    scores[j] = dot * scale;
+    max_score = std::max(max_score, scores[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < num_keys; ++j) {
+    scores[j] = std::exp(scores[j] - max_score);
+    total += scores[j];
+  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = 0.f;
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const float p = scores[j] / total;
+    const float* v = cache + slots[j] * slot_stride + value_offset + kv_head * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) out[d] += p * v[d];
+  }
+}
+
+at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cache, const at::Tensor& cos,
+                 const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& key_slots,
+                 const at::Tensor& key_lens, const Shape& s) {
+  const int64_t n = x.size(0), hidden = x.size(1);
+  const int64_t H = s.heads, KV = s.kv_heads, D = s.head_dim, group = H / KV;
+  const Linear qkv_l{w[4], w[5], w[6], w[7]}, o_l{w[8], w[9], w[10], w[11]};
+  const Linear gate_up_l{w[12], w[13], w[14], w[15]}, down_l{w[16], w[17], w[18], w[19]};
+
+  // Attention block.
+  at::Tensor h = at::empty_like(x);
+  rms_norm(x.data_ptr<float>(), w[0].data_ptr<float>(), h.data_ptr<float>(), n, hidden, hidden, hidden, s.eps);
+  at::Tensor qkv = linear(h, qkv_l, s).contiguous();           // [n, (H + 2 KV) D]
+  const int64_t row = (H + 2 * KV) * D;
+  float* qkv_p = qkv.data_ptr<float>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
+  float* cache_p = cache.data_ptr<float>();
+  const int64_t* slot_p = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    float* r = qkv_p + i * row;
+    if (s.qk_norm) {
+      rms_norm(r, w[2].data_ptr<float>(), r, H, D, D, D, s.eps);
+      rms_norm(r + H * D, w[3].data_ptr<float>(), r + H * D, KV, D, D, D, s.eps);
+    }
+    for (int64_t head = 0; head < H + KV; ++head)
+      rotate(r + head * D, cos_p + i * s.rotary_dim, sin_p + i * s.rotary_dim, s.rotary_dim);
+    float* slot = cache_p + slot_p[i] * 2 * KV * D;
+    std::copy(r + H * D, r + (H + 2 * KV) * D, slot);           // key, then value: the cache's layout
+  }
+
+  at::Tensor attn = at::empty({n, H * D}, x.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t width = key_slots.size(1);
+  const int64_t* keys_p = key_slots.data_ptr<int64_t>();
+  const int64_t* lens_p = key_lens.data_ptr<int64_t>();
+  float* attn_p = attn.data_ptr<float>();
+  const int64_t work = n * H;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * D));
+  at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(width);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / H, head = t % H;
+      attend(qkv_p + i * row + head * D, cache_p, keys_p + i * width, lens_p[i], head / group, KV, D, scale,
+             scores.data(), attn_p + i * H * D + head * D);
+    }
+  });
+  x = x + linear(attn, o_l, s);
+
+  // MLP block.
+  rms_norm(x.data_ptr<float>(), w[1].data_ptr<float>(), h.data_ptr<float>(), n, hidden, hidden, hidden, s.eps);
+  at::Tensor gate_up = linear(h, gate_up_l, s).contiguous();   // [n, 2 I]
+  const int64_t inter = gate_up.size(1) / 2;
+  at::Tensor act = at::empty({n, inter}, x.options());
+  const float* gu = gate_up.data_ptr<float>();
+  float* a = act.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* g = gu + i * 2 * inter;
+    const float* u = g + inter;
+    float* o = a + i * inter;
+    for (int64_t j = 0; j < inter; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+  }
+  return x + linear(act, down_l, s);
+}
+
+}  // namespace
+
+// Runs every decoder layer for one decode step; returns the last layer's hidden states [n, hidden].
+at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>>& layers,
+                         std::vector<at::Tensor> caches, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
+                         at::Tensor key_slots, at::Tensor key_lens, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t float_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [n, hidden]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == rotary_dim,
+              "cos/sin: contiguous [n, rotary_dim]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0), "slot_mapping: int64 [n]");
+  TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.is_contiguous() && key_slots.size(0) == x.size(0),
+              "key_slots: contiguous int64 [n, width]");
+  TORCH_CHECK(key_lens.scalar_type() == at::kLong && key_lens.numel() == x.size(0), "key_lens: int64 [n]");
+  TORCH_CHECK(layers.size() == caches.size(), "one cache per layer");
+  TORCH_CHECK(heads % kv_heads == 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "head shapes");
+  const Shape s{heads, kv_heads, head_dim, rotary_dim, float_rows, eps, qk_norm};
+  at::NoGradGuard no_grad;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    TORCH_CHECK(layers[l].size() == 20, "20 tensors per layer");
+    TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == at::kFloat, "caches: contiguous float32");
+    x = layer(x, layers[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, s);
+  }
+  return x;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32)");
+}
