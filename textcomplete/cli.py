@@ -74,12 +74,13 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
     import contextlib
     import signal
 
     import uvicorn
 
-    from textcomplete.api.server import build_app
+    from textcomplete.api.server import build_app, shutting_down
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
     keys = list(args.api_key or [])
@@ -95,6 +96,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              "API keys required" if keys else "no API key required")
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn cancels what is still running at the deadline, and a cancelled stream cannot say why.
+            # Shortly before it, fail every engine request instead: streams end with an in-band error event
+            # and [DONE], other requests with a 503 envelope, and their connections close in time.
+            ending = asyncio.create_task(fail_in_flight_before(args.shutdown_timeout))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ending.cancel()
+
         @contextlib.contextmanager
         def capture_signals(self):
             with super().capture_signals():
@@ -102,6 +113,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if self._captured_signals:   # SIGTERM/SIGINT asked for this shutdown: it is a clean exit
                     log.info("shut down on %s", ", ".join(signal.Signals(s).name for s in self._captured_signals))
                     self._captured_signals.clear()
+
+    async def fail_in_flight_before(deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - min(1.0, deadline / 2)))
+        log.warning("shutdown deadline near: aborting the requests still running")
+        engine.fail_all(shutting_down)
 
     server = Server(uvicorn.Config(build_app(service, keys), host=args.host, port=args.port,
                                    log_level=args.log_level, access_log=False,

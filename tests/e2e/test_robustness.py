@@ -238,20 +238,29 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0():
 
 
 def test_sigterm_aborts_what_outlives_the_deadline_and_exits_0():
-    server = Server("--shutdown-timeout", "1")
+    server = Server("--shutdown-timeout", "2")
+    endless = body(max_tokens=900, logit_bias={"0": -100, "2": -100})   # ~10 s of decoding, past the deadline
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             with httpx.Client(base_url=server.base, timeout=60) as c:
-                long = pool.submit(c.post, "/v1/completions",
-                                   json=body(max_tokens=800, logit_bias={"0": -100, "2": -100}))
-                time.sleep(1.0)
+                long = pool.submit(c.post, "/v1/completions", json=endless)
+                stream = pool.submit(c.post, "/v1/completions", json={**endless, "stream": True})
+                wait_for(lambda: scrape(server.base)["textcomplete_requests_in_flight"] == 2)
+                time.sleep(0.5)
                 start = time.monotonic()
                 server.proc.send_signal(signal.SIGTERM)
                 assert server.proc.wait(timeout=30) == 0
-                assert time.monotonic() - start < 10          # the deadline, not the 800 tokens
+                assert time.monotonic() - start < 10          # the deadline, not the 900 tokens
                 answer = long.result()    # aborted, and told so in the error envelope
                 validate_response(answer)
                 assert answer.status_code == 503 and answer.json()["error"]["code"] == "server_shutting_down"
+                streamed = stream.result()   # the stream had begun: told so in-band, then properly ended
+                validate_response(streamed)
+                events = sse_events(streamed)
+                assert events[-1] == "[DONE]" and len(events) > 2
+                error = json.loads(events[-2])["error"]
+                assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+                assert all("choices" in json.loads(e) for e in events[:-2])
     finally:
         server.stop()
 

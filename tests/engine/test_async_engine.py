@@ -61,3 +61,26 @@ def test_a_refused_request_raises_without_harming_others(async_engine):
         return await good
     outs = asyncio.run(main())
     assert outs[-1].finished
+
+
+def test_fail_all_ends_every_request_with_its_own_error_and_frees_blocks(async_engine):
+    endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        received: dict[str, int] = {}
+
+        async def run(rid, prompt):
+            received[rid] = 0
+            async for _ in async_engine.generate(rid, prompt, endless):
+                received[rid] += 1
+        tasks = [asyncio.create_task(run(f"r{i}", p)) for i, p in enumerate(random_prompts(3, seed=4))]
+        while len(received) < 3 or min(received.values()) < 2:   # all three are decoding
+            await asyncio.sleep(0.01)
+        async_engine.fail_all(lambda: ConnectionAbortedError("closing"))
+        return await asyncio.gather(*tasks, return_exceptions=True), received
+    errors, received = asyncio.run(main())
+    assert all(isinstance(e, ConnectionAbortedError) for e in errors)
+    assert len({id(e) for e in errors}) == 3          # one error object per caller
+    assert max(received.values()) < 400
+    stats = async_engine.stats()
+    assert stats.running == 0 and stats.waiting == 0 and stats.kv_blocks_used == 0

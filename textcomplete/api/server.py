@@ -126,6 +126,12 @@ async def _json_body(request: Request) -> object:
     return body
 
 
+def shutting_down() -> APIError:
+    """What a request still running at the shutdown deadline ends with (a 503, or in-band in a stream)."""
+    return APIError(503, "The server is shutting down and aborted this request. Please retry.",
+                    type="server_error", code="server_shutting_down")
+
+
 def _sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
@@ -169,8 +175,7 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
             return JSONResponse(await _unless_disconnected(request, service.complete(req, info)))
         except asyncio.CancelledError:   # the server cancelled it (shutdown deadline): say so, in the envelope
             info.error = "aborted: the server is shutting down"
-            return error_response(APIError(503, "The server is shutting down and aborted this request. Please "
-                                                "retry.", type="server_error", code="server_shutting_down"))
+            return error_response(shutting_down())
 
     async def metrics_page(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)

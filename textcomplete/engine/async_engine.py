@@ -10,7 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from textcomplete.config import EngineConfig
@@ -35,6 +35,11 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _FailAll:
+    make_error: Callable[[], BaseException]
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | None = None, config: EngineConfig | None = None) -> None:
         """Wrap a built engine, or (better) give a config and let the engine thread build it.
@@ -42,7 +47,7 @@ class AsyncEngine:
         Built on its own thread, the engine is the only user of torch's thread pool: when two threads
         each start parallel torch work, their OpenMP teams fight over the cores (decoding ran at half speed).
         """
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _FailAll | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}     # touched only by the engine thread
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
@@ -110,6 +115,10 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        """Abort every request in flight; each caller's `generate` raises its own `make_error()`."""
+        self._commands.put(_FailAll(make_error))
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
@@ -147,6 +156,8 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _FailAll):
+                self._fail_all(command.make_error)
             else:
                 out = self.engine.abort_request(command.request_id)
                 if out is not None:
@@ -160,17 +171,21 @@ class AsyncEngine:
             return
         self._streams[command.request_id] = command
 
+    def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        failed = list(self._streams)
+        for request_id in failed:
+            self.engine.abort_request(request_id)
+        self._stats = self.engine.stats()
+        for request_id in failed:
+            _send(self._streams.pop(request_id), make_error())
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as exc:   # noqa: BLE001 - fail the running requests, keep the loop alive
             log.exception("engine step failed; aborting the requests it held")
-            failed = list(self._streams)
-            for request_id in failed:
-                self.engine.abort_request(request_id)
-            self._stats = self.engine.stats()
-            for request_id in failed:
-                _send(self._streams.pop(request_id), RuntimeError(f"engine error: {exc}"))
+            message = f"engine error: {exc}"
+            self._fail_all(lambda: RuntimeError(message))
             return
         # Publish before delivering: a caller that has its last output then reads stats at least that new.
         self._stats = self.engine.stats()
