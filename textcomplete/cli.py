@@ -80,6 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from textcomplete.api.http_protocol import protocol_with_header_timeout
     from textcomplete.api.server import build_app, shutting_down
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
@@ -121,6 +122,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     server = Server(uvicorn.Config(build_app(service, keys), host=args.host, port=args.port,
                                    log_level=args.log_level, access_log=False,
+                                   http=protocol_with_header_timeout(limits.request_header_timeout),
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     try:
         server.run()   # on SIGTERM/SIGINT: stop accepting, let requests finish up to --shutdown-timeout
@@ -342,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--request-body-timeout", type=float, default=defaults.request_body_timeout,
                         metavar="SECONDS", help="Time to receive a whole request body; slower ones get 408 "
                                                 f"(default: {defaults.request_body_timeout:g}).")
+    limits.add_argument("--request-header-timeout", type=float, default=defaults.request_header_timeout,
+                        metavar="SECONDS", help="Time to receive a request's line and headers, from the connection "
+                                                "opening or the request's first byte; slower clients get 408 and "
+                                                f"are disconnected (default: {defaults.request_header_timeout:g}).")
     limits.add_argument("--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request,
                         metavar="N", help=f"Most prompts in one request (default: {defaults.max_prompts_per_request}).")
     limits.add_argument("--max-sequences-per-request", type=int, default=defaults.max_sequences_per_request,

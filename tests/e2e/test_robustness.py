@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import select
 import signal
 import socket
 import time
@@ -24,7 +25,8 @@ LONG = {"max_tokens": 120, "logit_bias": {"0": -100, "2": -100}}   # no early en
 def limited():
     """One request runs at a time and none may wait; small bodies, short body timeout, few prompts."""
     s = Server("--api-key", KEY, "--max-num-seqs", "1", "--max-queued-requests", "0", "--max-request-body", "64KiB",
-               "--request-body-timeout", "2", "--max-prompts-per-request", "4", "--max-sequences-per-request", "8",
+               "--request-body-timeout", "2", "--request-header-timeout", "2", "--max-prompts-per-request", "4",
+               "--max-sequences-per-request", "8",
                log_level="info")
     yield s
     s.stop()
@@ -118,6 +120,34 @@ def test_a_body_that_never_finishes_gets_408_and_frees_the_worker(limited, http)
         assert time.monotonic() - start < 10
         assert '"code":"request_timeout"' in reply.replace(" ", "")
     assert post(http, body(max_tokens=1)).status_code == 200
+
+
+@pytest.mark.parametrize("trickle", [b"", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-slow: " + b"y" * 100])
+def test_headers_that_never_finish_get_408_and_the_connection_closes(limited, http, trickle):
+    """Slowloris: a silent connection, or a head sent a byte every 0.1 s, cannot hold the server."""
+    port = int(limited.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        start = time.monotonic()
+        for byte in trickle:   # never the blank line that ends the head
+            if select.select([sock], [], [], 0)[0]:
+                break          # the server has answered
+            try:
+                sock.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break          # the server answered and closed: read what it said
+            time.sleep(0.1)
+        reply = _read_rest(sock).decode()
+    assert reply.startswith("HTTP/1.1 408"), reply[:200]
+    assert 1.5 < time.monotonic() - start < 6
+    assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert post(http, body(max_tokens=1)).status_code == 200
+
+
+def _read_rest(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data   # the server closed the connection
 
 
 def test_prompt_and_sequence_counts_are_limited(http):

@@ -19,6 +19,7 @@ class ServerLimits:
     max_queued_requests: int = 1024        # engine requests allowed to wait beyond those running
     max_request_body_bytes: int = 16 << 20
     request_body_timeout: float = 30.0     # seconds to receive a whole request body
+    request_header_timeout: float = 10.0   # seconds to receive a request's line and headers
     max_prompts_per_request: int = 1024
     max_sequences_per_request: int = 1024  # prompts x best_of in one request
     requests_per_minute: int = 0           # per API key; 0 means no limit
@@ -31,8 +32,9 @@ class ServerLimits:
         for name in ("max_request_body_bytes", "max_prompts_per_request", "max_sequences_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.request_body_timeout <= 0:
-            raise ValueError("request_body_timeout must be positive")
+        for name in ("request_body_timeout", "request_header_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 def duration(seconds: float) -> str:
