@@ -99,14 +99,20 @@ def assert_error(r: httpx.Response, status: int, param=..., code=...) -> dict:
     return err
 
 
+def read_until_closed(sock) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def raw_request(port: int, request: bytes) -> tuple[int, dict, bytes]:
     """Send bytes as they are (for headers that HTTP libraries refuse to send); returns status, headers, body."""
     import socket
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
     head, _, payload = data.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}

@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server
-from tests.e2e.helpers import MODEL, body, post, scrape, sse_events, validate_response, wait_until_idle
+from tests.e2e.helpers import (MODEL, body, post, read_until_closed, scrape, sse_events, validate_response,
+                               wait_until_idle)
 
 KEY = "sk-robustness-test-key-0123456789"
 LONG = {"max_tokens": 120, "logit_bias": {"0": -100, "2": -100}}   # no early end: a few seconds of decoding
@@ -136,18 +137,11 @@ def test_headers_that_never_finish_get_408_and_the_connection_closes(limited, ht
             except (BrokenPipeError, ConnectionResetError):
                 break          # the server answered and closed: read what it said
             time.sleep(0.1)
-        reply = _read_rest(sock).decode()
+        reply = read_until_closed(sock).decode()   # returns only because the server closes
     assert reply.startswith("HTTP/1.1 408"), reply[:200]
     assert 1.5 < time.monotonic() - start < 6
     assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
     assert post(http, body(max_tokens=1)).status_code == 200
-
-
-def _read_rest(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data   # the server closed the connection
 
 
 def test_prompt_and_sequence_counts_are_limited(http):

@@ -67,7 +67,7 @@ class ModelRunner:
             tables = tables[:len(decodes)]
             offsets = torch.arange(self.block_size, device=self.device)
             key_slots = (tables[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :width]
-            meta.decode_key_slots = key_slots.contiguous().view(-1)   # a column slice: copy, then flatten
+            meta.decode_key_slots = key_slots.contiguous()   # a column slice: the native layers read it flat
             meta.decode_key_lens = torch.tensor(ends, dtype=torch.long, device=self.device)
             if min(ends) < width:   # shorter requests' padding keys are masked out
                 keys = torch.arange(width, device=self.device)

@@ -36,7 +36,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor                       # [num_tokens] long: block * block_size + offset
     num_decode_tokens: int = 0
-    decode_key_slots: torch.Tensor | None = None     # [num_decode * max_keys] long: each decode's key slots
+    decode_key_slots: torch.Tensor | None = None     # [num_decode, max_keys] long, contiguous: each one's key slots
     decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool; None when no padding
     decode_key_lens: torch.Tensor | None = None      # [num_decode] long: how many of each row's key slots are real
     prefills: list[PrefillSpan] = field(default_factory=list)
@@ -129,7 +129,7 @@ class PagedAttention(nn.Module):
         n = meta.num_decode_tokens
         decoded = None
         if n:
-            kv = slots.index_select(0, meta.decode_key_slots).view(n, -1, 2, self.num_kv_heads, self.head_dim)
+            kv = slots.index_select(0, meta.decode_key_slots.view(-1)).view(n, -1, 2, self.num_kv_heads, self.head_dim)
             decoded = F.scaled_dot_product_attention(
                 q[:n].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
                 attn_mask=meta.decode_key_mask, enable_gqa=True).squeeze(2)   # [n, heads, dim]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
-from textcomplete.models.quant import FLOAT_ROWS, Int4Linear, Int8Linear
+from textcomplete.models.quant import FLOAT_ROWS
 from textcomplete.models.spec import ModelSpec
 
 
@@ -203,12 +203,7 @@ class NativeDecode:
         tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    attn.q_norm.weight if self.qk_norm else empty, attn.k_norm.weight if self.qk_norm else empty]
         for linear in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            if isinstance(linear, Int4Linear):
-                quantized = [linear.packed, linear.scales_zeros]
-            elif isinstance(linear, Int8Linear):
-                quantized = [linear.qweight, linear.scale]
-            else:
-                quantized = [empty, empty]
+            quantized = linear.kernel_tensors() if hasattr(linear, "kernel_tensors") else (empty, empty)
             bias = linear.bias if linear.bias is not None else empty
             tensors += [linear.weight, *quantized, bias]
         return [t.detach().contiguous() for t in tensors]
@@ -221,5 +216,5 @@ class NativeDecode:
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)
         return self.kernels.decode_layers(
             x.contiguous(), self.weights, self.caches, cos, sin, meta.slot_mapping,
-            meta.decode_key_slots.view(n, -1), meta.decode_key_lens, self.spec.num_heads,
+            meta.decode_key_slots, meta.decode_key_lens, self.spec.num_heads,
             self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, FLOAT_ROWS)

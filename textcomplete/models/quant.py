@@ -43,6 +43,10 @@ class _WeightOnly(nn.Module):
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantized weight, scales) as `quantized_matmul` passes them to its kernel."""
+        raise NotImplementedError
+
 
 class Int8Linear(_WeightOnly):
     """y = x @ (q * scale).T: int8 weights with one bfloat16 scale per output channel."""
@@ -56,6 +60,9 @@ class Int8Linear(_WeightOnly):
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.qweight, self.scale)
+
+    def kernel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scale
 
 
 class Int4Linear(_WeightOnly):
@@ -76,6 +83,9 @@ class Int4Linear(_WeightOnly):
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
+
+    def kernel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed, self.scales_zeros
 
 
 def _quantized(linear: nn.Linear, kind: str) -> nn.Module:
