@@ -47,7 +47,7 @@ def random_k_quant_blocks(rows: int, cols: int, qtype: QType, seed: int) -> np.n
     return blocks.reshape(rows, cols // block_size * type_size)
 
 
-def write_llama_gguf(hf_dir: Path, path: Path, qtype: QType) -> dict[str, torch.Tensor]:
+def write_llama_gguf(hf_dir: Path, path: Path, qtype: QType, with_tokenizer: bool = True) -> dict[str, torch.Tensor]:
     """Write hf_dir's tiny Llama as GGUF with 2-D weights in `qtype`; returns the HF-layout weights written."""
     import json
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -61,7 +61,8 @@ def write_llama_gguf(hf_dir: Path, path: Path, qtype: QType) -> dict[str, torch.
     writer.add_head_count_kv(cfg["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
-    _add_tokenizer(writer)
+    if with_tokenizer:
+        _add_tokenizer(writer)
     expected: dict[str, torch.Tensor] = {}
     for i, (name, tensor) in enumerate(sorted(state.items())):
         w = tensor.float().numpy()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
+from textcomplete.errors import ModelFileError
+
 # Pre-tokenizer split patterns of GGUF `tokenizer.ggml.pre` values (as llama.cpp names them).
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -61,8 +63,11 @@ class Tokenizer:
         """tokenizer.json, with special ids from tokenizer_config.json and generation_config.json."""
         path = directory / "tokenizer.json"
         if not path.exists():
-            raise FileNotFoundError(f"{directory} has no tokenizer.json (only fast tokenizers are supported)")
-        backend = HFTokenizer.from_file(str(path))
+            raise ModelFileError(directory, "no tokenizer.json (only fast tokenizers are supported)")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:   # noqa: BLE001 - the library's own error type: a damaged tokenizer.json
+            raise ModelFileError(path, f"not a readable tokenizer ({exc})") from None
         tok_cfg = _read_json(directory / "tokenizer_config.json")
         gen_cfg = _read_json(directory / "generation_config.json")
         eos: list[int] = []

@@ -92,8 +92,8 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
 
 def roofline(gguf_path: Path) -> Roofline:
     gguf = GGUFFile(gguf_path)
-    elements = sum(int(t.n_elements) for t in gguf.reader.tensors)
-    stored = sum(int(t.n_bytes) for t in gguf.reader.tensors)
+    elements = sum(t.n_elements for t in gguf.tensor_infos)
+    stored = sum(t.n_bytes for t in gguf.tensor_infos)
     return Roofline(measure_bandwidth(), elements * 4, stored)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from textcomplete.config import DEFAULT_MODEL
+from textcomplete.errors import ModelFileError
 from textcomplete.models.gguf_file import GGUFFile
 from textcomplete.models.registry import architecture_of, model_class
 from textcomplete.models.spec import ModelSpec
@@ -71,21 +72,46 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load `name`; a file or directory that cannot be used gives a ModelFileError naming it and why."""
     path = resolve_source(name)
     device = torch.device(device)
-    gguf_path = path if path.is_file() else _single_gguf(path)
-    if gguf_path is not None:
-        gguf = GGUFFile(gguf_path)
-        config, tokenizer = gguf.hf_config(), Tokenizer.from_gguf_metadata(gguf.metadata)
-        tensors, total = gguf.tensors(), gguf.num_tensors
-    else:
-        config = json.loads((path / "config.json").read_text())
-        tokenizer = Tokenizer.from_hf_dir(path, config)
-        tensors, total = _safetensors(path)
-    architecture = architecture_of(config)
-    model = build_model(architecture, config, tensors, total, dtype, device)
+    try:
+        gguf_path = path if path.is_file() else _single_gguf(path)
+        if gguf_path is not None:
+            gguf = GGUFFile(gguf_path)
+            config, tokenizer = gguf.hf_config(), _gguf_tokenizer(gguf)
+            tensors, total = gguf.tensors(), gguf.num_tensors
+        else:
+            config = _read_config(path / "config.json")
+            tokenizer = Tokenizer.from_hf_dir(path, config)
+            tensors, total = _safetensors(path)
+        architecture = architecture_of(config)
+        model = build_model(architecture, config, tensors, total, dtype, device)
+    except ModelFileError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:   # a shape, name or setting the architecture cannot take
+        raise ModelFileError(path, str(exc).strip("'\"")) from None
     log.info("loaded %s (%s, %s) from %s", name, architecture, str(dtype).removeprefix("torch."), path)
     return LoadedModel(name, path, architecture, config, model, model.spec, tokenizer, dtype, device)
+
+
+def _gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
+    try:
+        return Tokenizer.from_gguf_metadata(gguf.metadata)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelFileError(gguf.path, f"its tokenizer cannot be built: {exc}") from None
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise ModelFileError(path.parent, "no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(path, "not a JSON object")
+    return config
 
 
 def _single_gguf(directory: Path) -> Path | None:
@@ -94,21 +120,30 @@ def _single_gguf(directory: Path) -> Path | None:
     found = sorted(directory.glob("*.gguf"))
     if len(found) == 1:
         return found[0]
-    raise FileNotFoundError(f"{directory} has no config.json" + (" and several .gguf files" if found else ""))
+    raise ModelFileError(directory, "no config.json" + (" and several .gguf files" if found else ""))
 
 
 def _safetensors(directory: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     from safetensors import safe_open
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    total = sum(len(h.keys()) for h in handles)
+        raise ModelFileError(directory, "no *.safetensors weights")
+    handles = []
+    for f in files:
+        try:   # the library checks the header against the file: lengths, offsets, shapes and dtypes
+            handles.append((f, safe_open(str(f), framework="pt")))
+        except Exception as exc:   # noqa: BLE001 - SafetensorError and OSError alike: the file is unusable
+            raise ModelFileError(f, f"not a valid safetensors file ({exc})") from None
+    total = sum(len(h.keys()) for _, h in handles)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for handle in handles:
+        for f, handle in handles:
             for key in handle.keys():
-                yield key, handle.get_tensor(key)
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as exc:   # noqa: BLE001 - as above, for one tensor's data
+                    raise ModelFileError(f, f"tensor {key!r} cannot be read ({exc})") from None
+                yield key, tensor
     return tensors(), total
 
 
