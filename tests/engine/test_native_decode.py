@@ -97,3 +97,44 @@ def test_an_engine_can_turn_native_decode_off(tiny_model_dir, native_calls):
     engine = tiny_engine(tiny_model_dir, native_decode=False)
     engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0))
     assert engine.loaded.model.native_decode is None and native_calls == []
+
+
+def test_odd_shapes_decode_natively(tmp_path, kernels, native_calls):
+    """Widths that are multiples of no vector length: hidden 40, five heads sharing one KV head of dim 8,
+    an FFN of 72; ragged prompts from 1 to 37 tokens."""
+    from tests.tiny_models import make_tiny_model
+    directory = make_tiny_model("llama", tmp_path / "odd", hidden_size=40, intermediate_size=72, num_hidden_layers=1,
+                                num_attention_heads=5, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False)
+    prompts = [[5], *random_prompts(6, seed=5, low=2, high=37)]
+    params = [dataclasses.replace(mixed_params(i), max_tokens=9, logprobs=2) for i in range(len(prompts))]
+    native = tiny_engine(lambda _: directory, enable_prefix_caching=False)
+    plain = tiny_engine(lambda _: directory, enable_prefix_caching=False, native_decode=False)
+    tokens_n, logprobs_n = _run(native, prompts, params)
+    assert native_calls and max(native_calls) == len(prompts)
+    tokens_p, logprobs_p = _run(plain, prompts, params)
+    assert tokens_n == tokens_p
+    for a, b in zip(logprobs_n, logprobs_p):
+        torch.testing.assert_close(torch.tensor([x.logprob for x in a]), torch.tensor([y.logprob for y in b]),
+                                   atol=1e-4, rtol=0)
+
+
+def test_decoding_into_the_last_kv_block(tiny_model_dir, kernels, monkeypatch):
+    """A cache filled to its last block: the largest slot indices reach the native layers (and are in range)."""
+    highest = []
+    original = llama.NativeDecode.__call__
+
+    def watched(self, x, cos_sin, meta):
+        highest.append(int(meta.decode_key_slots.max()))
+        return original(self, x, cos_sin, meta)
+    monkeypatch.setattr(llama.NativeDecode, "__call__", watched)
+    blocks = 12
+    per_block = 2 * 2 * 16 * 2 * 16 * 4    # K and V x layers x block size x kv heads x head dim x float32
+    settings = dict(kv_cache_memory=blocks * per_block, enable_prefix_caching=False)
+    native = tiny_engine(tiny_model_dir, **settings)
+    plain = tiny_engine(tiny_model_dir, native_decode=False, **settings)
+    assert native.allocator.num_blocks == blocks
+    prompts = random_prompts(4, seed=9, low=20, high=30)   # with 16 new tokens each: 3 blocks each, all 12
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert _run(native, prompts, params)[0] == _run(plain, prompts, params)[0]
+    assert max(highest) >= (blocks - 1) * 16, "the last block was never read"

@@ -3,6 +3,11 @@
 `decode_layers()` returns the fused decode step of `decode.cpp`, or None when it cannot be built (no
 compiler, no ninja, an unsupported platform); callers then run the same computation as PyTorch operators.
 The build takes about a minute once per machine and torch version; later starts load the cached library.
+
+With TEXTCOMPLETE_SANITIZE=address,undefined in the environment every native module is built instrumented
+with AddressSanitizer and UndefinedBehaviorSanitizer instead (in its own cache directory), and any error they
+find aborts the process. The ASan runtime must then be loaded first: start Python with
+LD_PRELOAD=$(c++ -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0 (tests/engine/test_sanitizers.py).
 """
 
 from __future__ import annotations
@@ -19,16 +24,29 @@ import torch
 
 log = logging.getLogger(__name__)
 
+SANITIZE_ENV = "TEXTCOMPLETE_SANITIZE"
 _SOURCE = Path(__file__).with_name("decode.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
 
 
-def _cache_dir(source: bytes) -> Path:
-    """One build directory per source, compiler flags, torch version and CPU (-march=native is CPU-specific)."""
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), torch.__version__.encode(),
-                                     platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
+def build_flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags) of every native module in this process."""
+    sanitizers = os.environ.get(SANITIZE_ENV, "").strip()
+    if not sanitizers:
+        return list(_FLAGS), []
+    instrument = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    return ["-O1", "-g", "-march=native", "-fopenmp-simd", *instrument], instrument
+
+
+def build_directory(name: str, source: Path) -> Path:
+    """The cache directory of one module's build: one per module, source, compiler flags, torch version and
+    CPU (-march=native is CPU-specific)."""
+    cflags, _ = build_flags()
+    key = hashlib.sha256(b"\0".join([name.encode(), source.read_bytes(), " ".join(cflags).encode(),
+                                     torch.__version__.encode(), platform.machine().encode(),
+                                     _cpu_model().encode()])).hexdigest()[:16]
     root = Path(os.environ.get("TEXTCOMPLETE_CACHE", Path.home() / ".cache" / "textcomplete"))
     return root / "kernels" / key
 
@@ -43,29 +61,43 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def build_extension(name: str, source: Path) -> ModuleType:
+    """Compile (or load from the cache) the torch extension in `source`; raises if it cannot be built."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    cflags, ldflags = build_flags()
+    if ldflags:
+        name += "_sanitized"
+    build_dir = build_directory(name, source)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch guards a build with a lock file that a killed build leaves behind, and every later build then
+    # waits for it forever. An flock is released by the system when its holder dies: hold one around the
+    # build, and remove torch's file when no live process of ours can be building.
+    with open(build_dir / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        if not any(build_dir.glob("*.so")):
+            log.info("building the native module %s (once per machine, about a minute) in %s", name, build_dir)
+        return load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                    build_directory=str(build_dir), verbose=False)
+
+
 def decode_layers() -> ModuleType | None:
     """The compiled decode module (built on first call, then cached), or None if it cannot be built."""
     with _lock:
         if "decode" not in _built:
-            _built["decode"] = _build()
+            _built["decode"] = _build_decode()
         return _built["decode"]
 
 
-def _build() -> ModuleType | None:
+def _build_decode() -> ModuleType | None:
     if platform.system() != "Linux":
         log.info("native decode kernels are built on Linux only; using PyTorch operators")
         return None
-    from torch.utils.cpp_extension import load
-
-    source = _SOURCE.read_bytes()
-    build_dir = _cache_dir(source)
-    cached = any(build_dir.glob("*.so"))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not cached:
-        log.info("building the native decode kernels (once per machine, about a minute) in %s", build_dir)
     try:
-        return load(name="textcomplete_decode", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                    build_directory=str(build_dir), verbose=False)
+        return build_extension("textcomplete_decode", _SOURCE)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
         log.warning("could not build the native decode kernels (%s); decode steps use PyTorch operators",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)

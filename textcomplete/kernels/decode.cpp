@@ -119,6 +119,7 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
   rms_norm(x.data_ptr<float>(), w[0].data_ptr<float>(), h.data_ptr<float>(), n, hidden, hidden, hidden, s.eps);
   at::Tensor qkv = linear(h, qkv_l, s).contiguous();           // [n, (H + 2 KV) D]
   const int64_t row = (H + 2 * KV) * D;
+  TORCH_CHECK(qkv.size(1) == row, "qkv projection: ", qkv.size(1), " columns, expected ", row);
   float* qkv_p = qkv.data_ptr<float>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
@@ -180,17 +181,40 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [n, hidden]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == rotary_dim,
               "cos/sin: contiguous [n, rotary_dim]");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0), "slot_mapping: int64 [n]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == x.size(0),
+              "slot_mapping: contiguous int64 [n]");
   TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.is_contiguous() && key_slots.size(0) == x.size(0),
               "key_slots: contiguous int64 [n, width]");
-  TORCH_CHECK(key_lens.scalar_type() == at::kLong && key_lens.numel() == x.size(0), "key_lens: int64 [n]");
+  TORCH_CHECK(key_lens.scalar_type() == at::kLong && key_lens.is_contiguous() && key_lens.numel() == x.size(0),
+              "key_lens: contiguous int64 [n]");
   TORCH_CHECK(layers.size() == caches.size(), "one cache per layer");
-  TORCH_CHECK(heads % kv_heads == 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, "head shapes");
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0 && rotary_dim % 2 == 0 &&
+              rotary_dim <= head_dim, "head shapes");
   const Shape s{heads, kv_heads, head_dim, rotary_dim, float_rows, eps, qk_norm};
+  // Every cache slot the loops touch must lie inside every layer's cache: checked once per step, here.
+  const int64_t n = x.size(0), width = key_slots.dim() == 2 ? key_slots.size(1) : -1;
+  TORCH_CHECK(width >= 1 || n == 0, "key_slots: [n, width] with width >= 1");
+  const int64_t slot_values = 2 * kv_heads * head_dim;
+  const int64_t num_slots = caches.empty() ? 0 : caches[0].numel() / slot_values;
+  const int64_t* slot_p = slot_mapping.data_ptr<int64_t>();
+  const int64_t* keys_p = key_slots.data_ptr<int64_t>();
+  const int64_t* lens_p = key_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slot_p[i] >= 0 && slot_p[i] < num_slots, "slot_mapping[", i, "] = ", slot_p[i], " is outside the ",
+                num_slots, " cache slots");
+    TORCH_CHECK(lens_p[i] >= 1 && lens_p[i] <= width, "key_lens[", i, "] = ", lens_p[i], " with ", width, " key slots");
+    for (int64_t j = 0; j < lens_p[i]; ++j) {
+      const int64_t slot = keys_p[i * width + j];
+      TORCH_CHECK(slot >= 0 && slot < num_slots, "key_slots[", i, ", ", j, "] = ", slot, " is outside the ",
+                  num_slots, " cache slots");
+    }
+  }
   at::NoGradGuard no_grad;
   for (size_t l = 0; l < layers.size(); ++l) {
     TORCH_CHECK(layers[l].size() == 20, "20 tensors per layer");
-    TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == at::kFloat, "caches: contiguous float32");
+    TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == at::kFloat &&
+                caches[l].numel() == num_slots * slot_values, "caches: contiguous float32 [num_slots, 2, kv_heads, head_dim]");
+    TORCH_CHECK(layers[l][0].numel() == x.size(1) && layers[l][1].numel() == x.size(1), "norm weights: [hidden]");
     x = layer(x, layers[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, s);
   }
   return x;
