@@ -353,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-sequences-per-request", type=int, default=defaults.max_sequences_per_request,
                         metavar="N", help="Most prompts x best_of (or n) in one request "
                                           f"(default: {defaults.max_sequences_per_request}).")
+    limits.add_argument("--kv-overcommit", type=float, default=defaults.kv_overcommit, metavar="FACTOR",
+                        help="Requests in flight may together need at most FACTOR times the KV cache's tokens (each "
+                             "counted at its prompt plus max_tokens, or the context when max_tokens is null); past "
+                             "it, requests get 429, and one that alone needs more gets 400. This bounds the memory "
+                             f"requests take besides the cache (default: {defaults.kv_overcommit:g}).")
     limits.add_argument("--requests-per-minute", type=int, default=defaults.requests_per_minute, metavar="N",
                         help="Per API key: completion requests per minute; 0 for no limit (default: 0).")
     limits.add_argument("--tokens-per-minute", type=int, default=defaults.tokens_per_minute, metavar="N",

@@ -79,3 +79,20 @@ def test_limits_refuse_nonsense():
         ServerLimits(max_request_body_bytes=0)
     with pytest.raises(ValueError):
         ServerLimits(requests_per_minute=-1)
+
+
+def test_admission_bounds_the_kv_tokens_requests_may_need():
+    admission = Admission(max_running=8, max_queued=8, max_kv_tokens=1000)
+    first = admission.admit(2, kv_tokens=600)
+    with pytest.raises(APIError) as refused:      # 600 + 500 > 1000: wait for the first to finish
+        admission.admit(1, kv_tokens=500)
+    assert refused.value.status == 429 and "KV cache" in refused.value.message
+    assert admission.in_flight == 2 and admission.kv_tokens == 600   # a refusal takes nothing
+    second = admission.admit(1, kv_tokens=400)
+    first.release()
+    first.release()
+    assert admission.kv_tokens == 400
+    second.release()
+    assert admission.kv_tokens == 0 and admission.in_flight == 0
+    assert admission.fits_alone(1000) and not admission.fits_alone(1001)
+    assert Admission(1, 0).fits_alone(10 ** 9)    # no bound configured

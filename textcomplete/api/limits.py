@@ -24,6 +24,7 @@ class ServerLimits:
     max_sequences_per_request: int = 1024  # prompts x best_of in one request
     requests_per_minute: int = 0           # per API key; 0 means no limit
     tokens_per_minute: int = 0             # per API key (prompt + most completion tokens); 0 means no limit
+    kv_overcommit: float = 4.0             # requests in flight may need at most this many times the KV cache
 
     def __post_init__(self) -> None:
         for name in ("max_queued_requests", "requests_per_minute", "tokens_per_minute"):
@@ -32,7 +33,7 @@ class ServerLimits:
         for name in ("max_request_body_bytes", "max_prompts_per_request", "max_sequences_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("request_body_timeout", "request_header_timeout"):
+        for name in ("request_body_timeout", "request_header_timeout", "kv_overcommit"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -59,12 +60,22 @@ def too_many(message: str, type: str, code: str, retry_after: float, retry: bool
 
 @dataclass
 class Admission:
-    """The bounded queue: engine requests in flight may exceed those the engine runs at once by at most
-    `max_queued`. A request bigger than the whole bound still runs when nothing else is in flight."""
+    """The bounded queue, on two counts.
+
+    Engine requests: those in flight may exceed those the engine runs at once by at most `max_queued`.
+    KV tokens: each engine request claims the most tokens it can come to hold (its prompt plus all the
+    completion tokens it may generate), and those in flight together claim at most `max_kv_tokens` (the KV
+    cache times the overcommit factor). This bounds everything a request keeps while it runs (its tokens,
+    logprobs, text and response), so no burst of large requests can push the server out of memory.
+    A request over a bound waits for others to finish (429); one too large for the bound on its own is
+    refused (400) before it gets here. The engine-request bound alone may be passed by one large request
+    when nothing else is in flight."""
 
     max_running: int
     max_queued: int
+    max_kv_tokens: int = 0      # 0: no KV-token bound
     in_flight: int = 0
+    kv_tokens: int = 0
 
     @property
     def capacity(self) -> int:
@@ -74,13 +85,22 @@ class Admission:
     def waiting(self) -> int:
         return max(0, self.in_flight - self.max_running)
 
-    def admit(self, sequences: int) -> Ticket:
+    def fits_alone(self, kv_tokens: int) -> bool:
+        return not self.max_kv_tokens or kv_tokens <= self.max_kv_tokens
+
+    def admit(self, sequences: int, kv_tokens: int = 0) -> Ticket:
         if self.in_flight and self.in_flight + sequences > self.capacity:
             raise too_many(f"The server is at capacity: {self.waiting} requests are waiting and {sequences} more "
                            f"would pass the queue limit of {self.max_queued}. Please retry shortly.",
                            type="server_busy", code="queue_full", retry_after=1)
+        if self.max_kv_tokens and self.kv_tokens + kv_tokens > self.max_kv_tokens:
+            raise too_many(f"The server is at capacity: the requests in flight may need {self.kv_tokens} tokens of "
+                           f"its KV cache, and this one up to {kv_tokens} more, past the limit of "
+                           f"{self.max_kv_tokens}. Please retry shortly.", type="server_busy", code="queue_full",
+                           retry_after=1)
         self.in_flight += sequences
-        return Ticket(self, sequences)
+        self.kv_tokens += kv_tokens
+        return Ticket(self, sequences, kv_tokens)
 
 
 @dataclass
@@ -89,12 +109,14 @@ class Ticket:
 
     admission: Admission
     sequences: int
+    kv_tokens: int = 0
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.admission.in_flight -= self.sequences
+            self.admission.kv_tokens -= self.kv_tokens
 
 
 @dataclass

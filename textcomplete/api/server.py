@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -138,6 +139,9 @@ def _sse(payload: dict | str) -> bytes:
 
 
 async def _sse_stream(chunks: AsyncIterator[dict], info: RequestInfo) -> AsyncIterator[bytes]:
+    """The stream's SSE bytes. If the client leaves, the response is cancelled at a `yield` and the request
+    counts as a client disconnect."""
+    info.client_left = True   # until the last event has been handed over
     try:
         async for chunk in chunks:
             yield _sse(chunk)
@@ -151,6 +155,7 @@ async def _sse_stream(chunks: AsyncIterator[dict], info: RequestInfo) -> AsyncIt
     finally:
         await chunks.aclose()
     yield _sse("[DONE]")
+    info.client_left = False
 
 
 def build_app(service: CompletionService, api_keys: list[str], created: int | None = None) -> Starlette:
@@ -231,7 +236,9 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
                                            code="unknown_url"))
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
-    async def on_client_gone(request: Request, exc: ClientDisconnected) -> Response:
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        """The client left (while sending its body, or before its answer was ready): nobody reads this."""
+        request.scope["state"]["info"].client_left = True
         return Response(status_code=CLIENT_CLOSED)
 
     async def on_error(request: Request, exc: Exception) -> Response:
@@ -253,7 +260,8 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                                       ClientDisconnected: on_client_gone, Exception: on_error})
+                                                       ClientDisconnected: on_client_gone,
+                                                       ClientDisconnect: on_client_gone, Exception: on_error})
     return RequestIdAndAuth(app, api_keys, service, metrics)
 
 
@@ -292,7 +300,7 @@ class RequestIdAndAuth:
                            send_with_id)
         finally:
             info.release()
-            self._record(request, request_id, info, status)
+            self._record(request, request_id, info, CLIENT_CLOSED if info.client_left else status)
 
     def _record(self, request: Request, request_id: str, info: RequestInfo, status: int) -> None:
         path = request.url.path
@@ -350,7 +358,7 @@ def _limited_body(receive, max_bytes: int, timeout: float):
             while not complete and received <= 4 * max_bytes:   # drain, so the answer can be read
                 message = await next_message()
                 if message["type"] != "http.request":
-                    break
+                    raise ClientDisconnect   # gone before its answer: nobody reads the 413
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
             raise APIError(413, f"The request body is too large: this server accepts at most {max_bytes} bytes.",
@@ -371,7 +379,17 @@ def _auth_error(request: Request, api_keys: list[str], key: str | None) -> APIEr
         return None   # no key configured: the server is open (R9)
     if key is None:
         return APIError(401, MISSING_KEY)
-    if key not in api_keys:
+    if not _known_key(key, api_keys):
         return APIError(401, f"Incorrect API key provided: {mask_key(key)}. You can find your API key at "
                              "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
     return None
+
+
+def _known_key(key: str, api_keys: list[str]) -> bool:
+    """Whether `key` is one of `api_keys`, in time that depends on neither which key matched nor where a
+    near miss first differs (every key is compared, each in constant time)."""
+    given = key.encode()
+    found = False
+    for configured in api_keys:
+        found |= hmac.compare_digest(given, configured.encode())
+    return found

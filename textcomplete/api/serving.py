@@ -36,6 +36,7 @@ class RequestInfo:
     completion_tokens: int = 0
     first_token_at: float | None = None
     error: str | None = None
+    client_left: bool = False      # the client disconnected before its whole response was sent
     ticket: Ticket | None = None
 
     def release(self) -> None:
@@ -81,7 +82,8 @@ class CompletionService:
     def __init__(self, engine: AsyncEngine, model_names: list[str], limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.limits = limits or ServerLimits()
-        self.admission = Admission(engine.max_num_seqs, self.limits.max_queued_requests)
+        self.admission = Admission(engine.max_num_seqs, self.limits.max_queued_requests,
+                                   int(engine.kv_cache_tokens * self.limits.kv_overcommit))
         self.key_limiter = KeyLimiter(self.limits.requests_per_minute, self.limits.tokens_per_minute)
         self.metrics = None   # a Metrics, when the server exposes them
         self.tokenizer = engine.tokenizer
@@ -193,16 +195,33 @@ class CompletionService:
                 self.engine.check_request(p.token_ids, params[-1])
             except ValueError as exc:
                 raise invalid(str(exc)) from exc
+        most = [self._most_tokens(len(c.prompt.token_ids), req.max_tokens) for c in cands]
+        if not self.admission.fits_alone(sum(most)):
+            self._refuse_size(req, len(cands), sum(most))
         if info is not None:
             info.model, info.user, info.stream = req.model, req.user, req.stream
             info.prompt_tokens = sum(len(p.token_ids) for p in prompts)
             if self.key_limiter.enabled:
-                most = sum(len(p.token_ids) + req.best_of * (req.max_tokens if req.max_tokens is not None
-                                                             else self.max_model_len - len(p.token_ids))
-                           for p in prompts)
-                self.key_limiter.charge(info.key_id, most)
-            info.ticket = self.admission.admit(len(cands))
+                per_prompt = {c.prompt.index: m - len(c.prompt.token_ids) for c, m in zip(cands, most)}
+                self.key_limiter.charge(info.key_id, sum(len(p.token_ids) + req.best_of * per_prompt[p.index]
+                                                         for p in prompts))
+            info.ticket = self.admission.admit(len(cands), sum(most))
         return cands, params
+
+    def _most_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The most tokens one engine request can come to hold: its prompt and every token it may generate."""
+        if max_tokens is None:
+            return self.max_model_len
+        return min(prompt_len + max_tokens, self.max_model_len)
+
+    def _refuse_size(self, req: CompletionRequest, sequences: int, tokens: int) -> None:
+        """A 400 for a request that could need more KV cache than the server ever lets requests claim at once."""
+        name = ("max_tokens" if sequences == 1 else "prompt" if len(req.prompts) > 1 and req.best_of == 1
+                else "best_of" if req.best_of > req.n else "n")
+        raise invalid(f"This request is too large for this server: its {sequences} completion(s) could need up to "
+                      f"{tokens} tokens of KV cache (prompt plus max_tokens each), and the server lets the requests "
+                      f"in flight claim at most {self.admission.max_kv_tokens}. Please lower max_tokens, n, "
+                      "best_of or the number of prompts.", param=name, code="invalid_value")
 
     # ----- running -------------------------------------------------------------------------------
 

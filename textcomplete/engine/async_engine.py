@@ -83,6 +83,11 @@ class AsyncEngine:
     def block_size(self) -> int:
         return self.engine.config.block_size
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache holds (fixed once the engine is built, so safe from any thread)."""
+        return self.engine.allocator.num_blocks * self.engine.config.block_size
+
     def stats(self) -> EngineStats:
         """The engine's load and counters as of its last step or command (safe from any thread)."""
         return self._stats
