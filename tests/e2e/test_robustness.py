@@ -55,10 +55,14 @@ def wait_for(predicate, timeout=30.0):
 
 
 def _refused(url: str) -> bool:
+    """Whether the server no longer serves new requests: the connection is refused, or (caught while its
+    listening socket closed) closed without an answer."""
     try:
-        httpx.get(url, timeout=2)
-    except httpx.ConnectError:
+        httpx.get(url, timeout=5)
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return True
+    except httpx.TimeoutException:
+        return False
     return False
 
 
