@@ -9,6 +9,7 @@ package, and llama.cpp's reordering of Llama q/k rows is undone, so the architec
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ class TensorInfo:
 class _Cursor:
     """Reads the header's little-endian fields, each one checked against the end of the file."""
 
-    def __init__(self, path: Path, data: np.memmap) -> None:
+    def __init__(self, path: Path, data: mmap.mmap) -> None:
         self.path, self.data, self.pos = path, data, 0
 
     def fail(self, problem: str) -> ModelFileError:
@@ -77,7 +78,7 @@ class _Cursor:
         if n < 0 or self.pos + n > len(self.data):
             raise self.fail(f"the file is truncated or damaged: {what} at byte {self.pos} needs {n} bytes, "
                             f"but the file has {len(self.data)}")
-        chunk = self.data[self.pos:self.pos + n].tobytes()
+        chunk = self.data[self.pos:self.pos + n]
         self.pos += n
         return chunk
 
@@ -110,7 +111,8 @@ class _Cursor:
 def read_layout(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
     """The metadata and the checked tensor table of a GGUF file; ModelFileError if the file is not sound."""
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as exc:   # unreadable, or empty (an empty file cannot be mapped)
         raise ModelFileError(path, f"cannot be read as a GGUF file ({exc})") from None
     cur = _Cursor(path, data)
