@@ -130,9 +130,9 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]) -> HFTok
             continue
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        ranked.extend((-scores[i], n, pair) for n, pair in enumerate(splits))
-    ranked.sort(key=lambda entry: entry[0])   # stable: equal scores keep vocabulary order
-    merges = [pair for _, _, pair in ranked]
+        ranked.extend((scores[i], pair) for pair in splits)
+    ranked.sort(key=lambda entry: -entry[0])   # stable: equal scores keep vocabulary order
+    merges = [pair for _, pair in ranked]
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     backend = HFTokenizer(models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None,
                                      fuse_unk=True, byte_fallback=True))

@@ -63,10 +63,6 @@ def key_id(key: str) -> str:
     return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-class ClientDisconnected(Exception):
-    """The client closed the connection before its (non-streamed) response was ready."""
-
-
 async def _until_disconnected(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -88,7 +84,7 @@ async def _unless_disconnected(request: Request, work: Awaitable):
         await task   # let the cancellation run the work's cleanup before answering
     except (asyncio.CancelledError, Exception):   # noqa: BLE001 - the client is gone either way
         pass
-    raise ClientDisconnected
+    raise ClientDisconnect   # starlette's own, as when the client leaves while its body is read
 
 
 def _lone_surrogate(value: object) -> bool:
@@ -260,7 +256,6 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                                       ClientDisconnected: on_client_gone,
                                                        ClientDisconnect: on_client_gone, Exception: on_error})
     return RequestIdAndAuth(app, api_keys, service, metrics)
 

@@ -195,17 +195,16 @@ class CompletionService:
                 self.engine.check_request(p.token_ids, params[-1])
             except ValueError as exc:
                 raise invalid(str(exc)) from exc
-        most = [self._most_tokens(len(c.prompt.token_ids), req.max_tokens) for c in cands]
-        if not self.admission.fits_alone(sum(most)):
-            self._refuse_size(req, len(cands), sum(most))
+        most = sum(self._most_tokens(len(c.prompt.token_ids), req.max_tokens) for c in cands)
+        if not self.admission.fits_alone(most):
+            self._refuse_size(req, len(cands), most)
         if info is not None:
             info.model, info.user, info.stream = req.model, req.user, req.stream
             info.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-            if self.key_limiter.enabled:
-                per_prompt = {c.prompt.index: m - len(c.prompt.token_ids) for c, m in zip(cands, most)}
-                self.key_limiter.charge(info.key_id, sum(len(p.token_ids) + req.best_of * per_prompt[p.index]
-                                                         for p in prompts))
-            info.ticket = self.admission.admit(len(cands), sum(most))
+            if self.key_limiter.enabled:   # each prompt once, plus every token its candidates may generate
+                generated = most - sum(len(c.prompt.token_ids) for c in cands)
+                self.key_limiter.charge(info.key_id, info.prompt_tokens + generated)
+            info.ticket = self.admission.admit(len(cands), most)
         return cands, params
 
     def _most_tokens(self, prompt_len: int, max_tokens: int | None) -> int:

@@ -9,6 +9,7 @@ package, and llama.cpp's reordering of Llama q/k rows is undone, so the architec
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class _Cursor:
@@ -157,13 +155,12 @@ def _tensor_info(path: Path, file_size: int, data_start: int, name: str, shape: 
     if any(d == 0 for d in shape) or shape[0] % block:
         raise ModelFileError(path, f"tensor {name!r} has an impossible shape {dims} for {qtype.name} "
                                    f"(rows of a multiple of {block} values)")
-    info = TensorInfo(name, shape, qtype, data_start + offset, 0)
-    n_bytes = info.n_elements // block * block_bytes
-    if info.offset + n_bytes > file_size:
-        raise ModelFileError(path, f"tensor {name!r} ({dims}, {qtype.name}) needs bytes {info.offset} to "
-                                   f"{info.offset + n_bytes}, past the end of the file ({file_size} bytes): the "
+    start, n_bytes = data_start + offset, math.prod(shape) // block * block_bytes
+    if start + n_bytes > file_size:
+        raise ModelFileError(path, f"tensor {name!r} ({dims}, {qtype.name}) needs bytes {start} to "
+                                   f"{start + n_bytes}, past the end of the file ({file_size} bytes): the "
                                    "file is truncated or its tensor table is damaged")
-    return TensorInfo(name, shape, qtype, info.offset, n_bytes)
+    return TensorInfo(name, shape, qtype, start, n_bytes)
 
 
 class GGUFFile:
@@ -199,7 +196,8 @@ class GGUFFile:
                     "n_head": self._size("attention.head_count"), "n_layer": self._size("block_count"),
                     "n_positions": self._size("context_length"), "vocab_size": vocab,
                     "layer_norm_epsilon": m.get(p + "attention.layer_norm_epsilon", 1e-5),
-                    "n_inner": self._size("feed_forward_length", 0) or None, "activation_function": "gelu_new"}
+                    "n_inner": self._size("feed_forward_length") if p + "feed_forward_length" in m else None,
+                    "activation_function": "gelu_new"}
         hidden, heads = self._size("embedding_length"), self._size("attention.head_count")
         cfg = {"architectures": [arch], "hidden_size": hidden, "num_attention_heads": heads,
                "num_key_value_heads": self._size("attention.head_count_kv", heads),
