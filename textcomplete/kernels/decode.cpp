@@ -13,6 +13,7 @@
 //   slot_mapping [n] int64: the cache slot each request's new key/value goes to
 //   key_slots    [n, width] int64: the cache slots of each request's keys, in position order
 //   key_lens     [n] int64: how many of a row's key slots are real (the rest is padding)
+//   windows      per layer: 0, or the sliding window (a query sees only the last `window` keys, itself included)
 //   caches       one [num_slots, 2, kv_heads, head_dim] float32 tensor per layer (key and value side by side)
 //   layers       per layer: ln1, ln2, q_norm, k_norm, then for qkv, o, gate_up, down:
 //                float weight, quantized weight, scales, bias (empty tensors where absent)
@@ -108,7 +109,7 @@ void attend(const float* q, const float* cache, const int64_t* slots, int64_t nu
 
 at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cache, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& key_slots,
-                 const at::Tensor& key_lens, const Shape& s) {
+                 const at::Tensor& key_lens, int64_t window, const Shape& s) {
   const int64_t n = x.size(0), hidden = x.size(1);
   const int64_t H = s.heads, KV = s.kv_heads, D = s.head_dim, group = H / KV;
   const Linear qkv_l{w[4], w[5], w[6], w[7]}, o_l{w[8], w[9], w[10], w[11]};
@@ -149,8 +150,9 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
     std::vector<float> scores(width);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / H, head = t % H;
-      attend(qkv_p + i * row + head * D, cache_p, keys_p + i * width, lens_p[i], head / group, KV, D, scale,
-             scores.data(), attn_p + i * H * D + head * D);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
+      attend(qkv_p + i * row + head * D, cache_p, keys_p + i * width + first, lens_p[i] - first, head / group, KV,
+             D, scale, scores.data(), attn_p + i * H * D + head * D);
     }
   });
   x = x + linear(attn, o_l, s);
@@ -175,7 +177,7 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
 
 // Runs every decoder layer for one decode step; returns the last layer's hidden states [n, hidden].
 at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>>& layers,
-                         std::vector<at::Tensor> caches, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
+                         std::vector<at::Tensor> caches, std::vector<int64_t> windows, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
                          at::Tensor key_slots, at::Tensor key_lens, int64_t heads, int64_t kv_heads,
                          int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t float_rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [n, hidden]");
@@ -187,7 +189,7 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
               "key_slots: contiguous int64 [n, width]");
   TORCH_CHECK(key_lens.scalar_type() == at::kLong && key_lens.is_contiguous() && key_lens.numel() == x.size(0),
               "key_lens: contiguous int64 [n]");
-  TORCH_CHECK(layers.size() == caches.size(), "one cache per layer");
+  TORCH_CHECK(layers.size() == caches.size() && layers.size() == windows.size(), "one cache and window per layer");
   TORCH_CHECK(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0 && rotary_dim % 2 == 0 &&
               rotary_dim <= head_dim, "head shapes");
   const Shape s{heads, kv_heads, head_dim, rotary_dim, float_rows, eps, qk_norm};
@@ -215,7 +217,8 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
     TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == at::kFloat &&
                 caches[l].numel() == num_slots * slot_values, "caches: contiguous float32 [num_slots, 2, kv_heads, head_dim]");
     TORCH_CHECK(layers[l][0].numel() == x.size(1) && layers[l][1].numel() == x.size(1), "norm weights: [hidden]");
-    x = layer(x, layers[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, s);
+    TORCH_CHECK(windows[l] >= 0, "windows[", l, "] = ", windows[l]);
+    x = layer(x, layers[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, windows[l], s);
   }
   return x;
 }

@@ -4,7 +4,9 @@ The file's layout (header, metadata, tensor table) is parsed and checked here be
 a truncated file, a wrong magic, a count, length or tensor extent that does not fit in the file, or an
 absurd shape gives one `ModelFileError` naming the file and the problem. Tensors are then read through a
 read-only memory map; quantized ones (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, ...) are dequantized with the `gguf`
-package, and llama.cpp's reordering of Llama q/k rows is undone, so the architectures see ordinary checkpoints.
+package. Each architecture's module maps the metadata and tensor names onto its Hugging Face form (undoing
+the converter's changes, such as llama.cpp's reordering of Llama q/k rows), so the models see ordinary
+checkpoints.
 """
 
 from __future__ import annotations
@@ -23,21 +25,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from textcomplete.errors import ModelFileError
-from textcomplete.models.registry import GGUF_ARCHITECTURES
+from textcomplete.models.registry import GGUF_ARCHITECTURES, model_class
 
-_LLAMA_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_GPT2_NAMES = {
-    "token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
-    "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
-    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
-}
-_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _MAX_DIMS = 4
@@ -164,6 +153,12 @@ def _tensor_info(path: Path, file_size: int, data_start: int, name: str, shape: 
 
 
 class GGUFFile:
+    """A checked GGUF file; its architecture's module turns the metadata and tensors into HF form.
+
+    Each architecture class provides `config_from_gguf(gguf) -> dict` and
+    `tensors_from_gguf(gguf_name, tensor, config) -> [(hf_name, tensor), ...]` (empty to skip a tensor).
+    """
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.metadata, self.tensor_infos = read_layout(path)
@@ -173,80 +168,100 @@ class GGUFFile:
                                        f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
         if not self.metadata.get("tokenizer.ggml.tokens"):
             raise ModelFileError(path, "the file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
+        self.model_class = model_class(GGUF_ARCHITECTURES[self.arch])
+        self._data: np.memmap | None = None
 
     @property
     def num_tensors(self) -> int:
         return len(self.tensor_infos)
 
-    def _size(self, key: str, default: int | None = None) -> int:
+    def fail(self, problem: str) -> ModelFileError:
+        return ModelFileError(self.path, problem)
+
+    def get(self, key: str, default: object = None) -> object:
+        """The architecture's metadata value `<arch>.<key>`."""
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+    def size(self, key: str, default: int | None = None) -> int:
         """A positive whole-number setting of the architecture's metadata (required unless a default)."""
-        value = self.metadata.get(f"{self.arch}.{key}", default)
+        value = self.get(key, default)
         if value is None:
-            raise ModelFileError(self.path, f"the metadata lacks {self.arch}.{key}")
+            raise self.fail(f"the metadata lacks {self.arch}.{key}")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_SIZE:
-            raise ModelFileError(self.path, f"metadata {self.arch}.{key} = {value!r} is not a plausible size")
+            raise self.fail(f"metadata {self.arch}.{key} = {value!r} is not a plausible size")
         return value
 
     def hf_config(self) -> dict:
-        m, p = self.metadata, self.arch + "."
-        vocab = self._size("vocab_size", len(m["tokenizer.ggml.tokens"]))
-        arch = GGUF_ARCHITECTURES[self.arch]
-        if self.arch == "gpt2":
-            return {"architectures": [arch], "n_embd": self._size("embedding_length"),
-                    "n_head": self._size("attention.head_count"), "n_layer": self._size("block_count"),
-                    "n_positions": self._size("context_length"), "vocab_size": vocab,
-                    "layer_norm_epsilon": m.get(p + "attention.layer_norm_epsilon", 1e-5),
-                    "n_inner": self._size("feed_forward_length") if p + "feed_forward_length" in m else None,
-                    "activation_function": "gelu_new"}
-        hidden, heads = self._size("embedding_length"), self._size("attention.head_count")
-        cfg = {"architectures": [arch], "hidden_size": hidden, "num_attention_heads": heads,
-               "num_key_value_heads": self._size("attention.head_count_kv", heads),
-               "head_dim": self._size("attention.key_length", hidden // heads or None),
-               "intermediate_size": self._size("feed_forward_length"), "num_hidden_layers": self._size("block_count"),
-               "rms_norm_eps": m.get(p + "attention.layer_norm_rms_epsilon", 1e-6),
-               "rope_theta": m.get(p + "rope.freq_base", 10000.0),
-               "max_position_embeddings": self._size("context_length", 2048), "vocab_size": vocab,
-               "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
-               "eos_token_id": m.get("tokenizer.ggml.eos_token_id")}
-        if heads % cfg["num_key_value_heads"]:
-            raise ModelFileError(self.path, f"{heads} attention heads cannot share {cfg['num_key_value_heads']} "
-                                            "key/value heads")
-        if m.get(p + "rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": m[p + "rope.scaling.factor"]}
-        return cfg
+        return self.model_class.config_from_gguf(self)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its GGUF name, as float32 in PyTorch's dimension order."""
+        for t in self.tensor_infos:
+            if t.name == name:
+                return _dequantized(self._mapped(), t)
+        raise self.fail(f"the file has no tensor {name!r}")
+
+    def has_tensor(self, name: str) -> bool:
+        return any(t.name == name for t in self.tensor_infos)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor in HF layout), one at a time."""
         cfg = self.hf_config()
-        data = np.memmap(self.path, dtype=np.uint8, mode="r")
         for t in self.tensor_infos:
-            name = self._hf_name(t.name)
-            if name is None:
-                raise ModelFileError(self.path, f"unexpected tensor {t.name!r} for {self.arch}")
-            yield name, self._convert(name, _dequantized(data, t), cfg)
+            converted = self.model_class.tensors_from_gguf(t.name, _dequantized(self._mapped(), t), cfg)
+            if converted is None:
+                raise self.fail(f"unexpected tensor {t.name!r} for {self.arch}")
+            yield from converted
 
-    def _hf_name(self, gguf_name: str) -> str | None:
-        table = _GPT2_NAMES if self.arch == "gpt2" else _LLAMA_NAMES
-        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-        if match:
-            layer, part, kind = match.groups()
-            prefix = "transformer.h" if self.arch == "gpt2" else "model.layers"
-            return f"{prefix}.{layer}.{table[part]}.{kind}" if part in table else None
-        base, _, kind = gguf_name.rpartition(".")
-        return f"{table[base]}.{kind}" if base in table else None
-
-    def _convert(self, name: str, tensor: torch.Tensor, cfg: dict) -> torch.Tensor:
-        if self.arch == "gpt2" and name.endswith(_GPT2_CONV1D):
-            return tensor.t()   # back to HF's Conv1D layout [in, out]
-        if self.arch in ("llama", "mistral"):
-            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                return _unpermute(tensor, cfg["num_attention_heads"])
-            if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                return _unpermute(tensor, cfg["num_key_value_heads"])
-        return tensor
+    def _mapped(self) -> np.memmap:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._data
 
 
-def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def split_name(gguf_name: str) -> tuple[int | None, str, str]:
+    """'blk.3.attn_q.weight' -> (3, 'attn_q', 'weight'); 'output_norm.weight' -> (None, 'output_norm', 'weight')."""
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        return int(layer), part, kind
+    base, _, kind = gguf_name.rpartition(".")
+    return None, base, kind
+
+
+def hf_name(gguf_name: str, table: dict[str, str], layer_prefix: str = "model.layers") -> str | None:
+    """The HF name of a GGUF tensor under `table` (GGUF part -> HF part); None when the table lacks it."""
+    layer, part, kind = split_name(gguf_name)
+    if part not in table:
+        return None
+    return f"{layer_prefix}.{layer}.{table[part]}.{kind}" if layer is not None else f"{table[part]}.{kind}"
+
+
+def llama_style_config(gguf: GGUFFile) -> dict:
+    """The HF config keys every Llama-like architecture shares, read from `<arch>.*` metadata."""
+    m = gguf.metadata
+    vocab = gguf.size("vocab_size", len(m["tokenizer.ggml.tokens"]))
+    hidden, heads = gguf.size("embedding_length"), gguf.size("attention.head_count")
+    cfg = {"architectures": [GGUF_ARCHITECTURES[gguf.arch]], "hidden_size": hidden, "num_attention_heads": heads,
+           "num_key_value_heads": gguf.size("attention.head_count_kv", heads),
+           "head_dim": gguf.size("attention.key_length", hidden // heads or None),
+           "intermediate_size": gguf.size("feed_forward_length"), "num_hidden_layers": gguf.size("block_count"),
+           "rms_norm_eps": gguf.get("attention.layer_norm_rms_epsilon", 1e-6),
+           "rope_theta": gguf.get("rope.freq_base", 10000.0),
+           "max_position_embeddings": gguf.size("context_length", 2048), "vocab_size": vocab,
+           "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+           "eos_token_id": m.get("tokenizer.ggml.eos_token_id")}
+    if heads % cfg["num_key_value_heads"]:
+        raise gguf.fail(f"{heads} attention heads cannot share {cfg['num_key_value_heads']} key/value heads")
+    if gguf.get("rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": gguf.get("rope.scaling.factor")}
+    window = gguf.get("attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = gguf.size("attention.sliding_window")
+    return cfg
+
+
+def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's interleaving of each head's rotary halves in the q/k projection rows."""
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

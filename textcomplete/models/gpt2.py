@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textcomplete.models import gguf_file
 from textcomplete.models.layers import AttentionMetadata, PagedAttention
 from textcomplete.models.spec import ModelSpec
 
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GGUF_NAMES = {
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+    "output": "lm_head", "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -104,6 +110,24 @@ class GPT2LMHeadModel(nn.Module):
         if name.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()
         return name, tensor
+
+    @classmethod
+    def config_from_gguf(cls, gguf: gguf_file.GGUFFile) -> dict:
+        return {"architectures": ["GPT2LMHeadModel"], "n_embd": gguf.size("embedding_length"),
+                "n_head": gguf.size("attention.head_count"), "n_layer": gguf.size("block_count"),
+                "n_positions": gguf.size("context_length"),
+                "vocab_size": gguf.size("vocab_size", len(gguf.metadata["tokenizer.ggml.tokens"])),
+                "layer_norm_epsilon": gguf.get("attention.layer_norm_epsilon", 1e-5),
+                "n_inner": gguf.size("feed_forward_length") if gguf.get("feed_forward_length") else None,
+                "activation_function": "gelu_new"}
+
+    @classmethod
+    def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
+                          cfg: dict) -> list[tuple[str, torch.Tensor]] | None:
+        hf = gguf_file.hf_name(name, GGUF_NAMES, layer_prefix="transformer.h")
+        if hf is None:
+            return None
+        return [(hf, tensor.t() if hf.endswith(_CONV1D_SUFFIXES) else tensor)]   # HF's Conv1D layout [in, out]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)

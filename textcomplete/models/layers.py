@@ -16,13 +16,35 @@ from torch import nn
 
 @dataclass
 class PrefillSpan:
-    """Queries [q_start, q_end) of one request attend to its first `num_keys` cached positions under `mask`."""
+    """Queries [q_start, q_end) of one request attend to its first `num_keys` cached positions under `mask`.
+
+    The queries are the span's last positions: num_keys - (q_end - q_start) .. num_keys - 1.
+    """
 
     q_start: int
     q_end: int
     block_table: torch.Tensor          # [num_blocks] long: the blocks holding positions 0..num_keys-1
     num_keys: int
     mask: torch.Tensor | None          # [q_len, num_keys] bool, None when plainly causal and square
+    _windows: dict[int, tuple[int, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+
+    def windowed(self, window: int) -> tuple[int, torch.Tensor | None]:
+        """(first key position, mask over keys first..num_keys-1) for a layer that sees only `window` keys.
+
+        A query at position p sees keys p - window < k <= p (the Hugging Face convention); keys before the
+        earliest query's window are not gathered at all.
+        """
+        if window not in self._windows:
+            first_q = self.num_keys - (self.q_end - self.q_start)
+            first_key = max(0, first_q - window + 1)
+            if first_key == 0 and self.num_keys <= window:
+                self._windows[window] = (0, self.mask)        # the window reaches back to position 0
+            else:
+                device = self.block_table.device
+                q_pos = torch.arange(first_q, self.num_keys, device=device)[:, None]
+                k_pos = torch.arange(first_key, self.num_keys, device=device)[None, :]
+                self._windows[window] = (first_key, (k_pos <= q_pos) & (k_pos > q_pos - window))
+        return self._windows[window]
 
 
 @dataclass
@@ -40,6 +62,20 @@ class AttentionMetadata:
     decode_key_mask: torch.Tensor | None = None      # [num_decode, 1, 1, max_keys] bool; None when no padding
     decode_key_lens: torch.Tensor | None = None      # [num_decode] long: how many of each row's key slots are real
     prefills: list[PrefillSpan] = field(default_factory=list)
+    _windows: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+
+    def windowed_decode_keys(self, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(key slots [num_decode, <= window], mask or None): each decode's last `window` keys only."""
+        if window not in self._windows:
+            slots, lens = self.decode_key_slots, self.decode_key_lens
+            if window >= slots.shape[1]:
+                self._windows[window] = (slots, self.decode_key_mask)
+            else:
+                columns = (lens - window).clamp(min=0)[:, None] + torch.arange(window, device=slots.device)
+                valid = columns < lens[:, None]
+                windowed = slots.gather(1, columns.clamp(max=slots.shape[1] - 1))
+                self._windows[window] = (windowed, None if bool(valid.all()) else valid[:, None, None, :])
+        return self._windows[window]
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +149,18 @@ class PagedAttention(nn.Module):
     """Scaled dot-product attention whose keys and values live in the paged KV cache.
 
     The model runner assigns `kv_cache` ([num_blocks, block_size, 2, num_kv_heads, head_dim]: a slot's key
-    and value side by side, so one gather fetches both) before use.
+    and value side by side, so one gather fetches both) before use. Options of the families that need them:
+    `sliding_window` (a query sees only the last that many positions, itself included), `scale` (instead of
+    1/sqrt(head_dim)) and `softcap` (scores pass through softcap * tanh(score / softcap) before the softmax).
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, sliding_window: int | None = None,
+                 scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window or None
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.softcap = softcap or None
         self.kv_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -129,20 +171,40 @@ class PagedAttention(nn.Module):
         n = meta.num_decode_tokens
         decoded = None
         if n:
-            kv = slots.index_select(0, meta.decode_key_slots.view(-1)).view(n, -1, 2, self.num_kv_heads, self.head_dim)
-            decoded = F.scaled_dot_product_attention(
-                q[:n].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
-                attn_mask=meta.decode_key_mask, enable_gqa=True).squeeze(2)   # [n, heads, dim]
+            key_slots, mask = meta.decode_key_slots, meta.decode_key_mask
+            if self.sliding_window:
+                key_slots, mask = meta.windowed_decode_keys(self.sliding_window)
+            kv = slots.index_select(0, key_slots.view(-1)).view(n, -1, 2, self.num_kv_heads, self.head_dim)
+            decoded = self._attend(q[:n].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                                   mask, causal=False).squeeze(2)   # [n, heads, dim]
             if not meta.prefills:
                 return decoded
         out = torch.empty_like(q)
         if decoded is not None:
             out[:n] = decoded
         for span in meta.prefills:
-            kv = self.kv_cache[span.block_table].view(-1, 2, self.num_kv_heads, self.head_dim)[:span.num_keys]
+            first_key, mask = span.windowed(self.sliding_window) if self.sliding_window else (0, span.mask)
+            first_block, skip = divmod(first_key, self.kv_cache.shape[1])
+            kv = self.kv_cache[span.block_table[first_block:]].view(-1, 2, self.num_kv_heads, self.head_dim)
+            kv = kv[skip:skip + span.num_keys - first_key]
             keys, values = kv[:, 0].transpose(0, 1).unsqueeze(0), kv[:, 1].transpose(0, 1).unsqueeze(0)
             queries = q[span.q_start:span.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
-            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask,
-                                               is_causal=span.mask is None, enable_gqa=True)
+            o = self._attend(queries, keys, values, mask, causal=mask is None)
             out[span.q_start:span.q_end] = o.squeeze(0).transpose(0, 1)
         return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+        """q: [b, heads, q_len, dim]; k, v: [b, kv_heads, keys, dim]; mask True where a key is seen."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                                  scale=self.scale)
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)

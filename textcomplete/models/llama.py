@@ -9,9 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textcomplete.models import gguf_file
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
 from textcomplete.models.quant import FLOAT_ROWS
 from textcomplete.models.spec import ModelSpec
+
+
+# GGUF tensor-name parts (as llama.cpp's converter writes them) -> Hugging Face parameter-name parts.
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
 
 
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
@@ -22,8 +33,20 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def sliding_windows(cfg: dict) -> list[int | None]:
+    """Each layer's sliding attention window (None: it sees every earlier position), as transformers reads it."""
+    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return [None] * n
+    if cfg.get("layer_types"):
+        return [window if kind == "sliding_attention" else None for kind in cfg["layer_types"]]
+    first = cfg.get("max_window_layers", 0) if "use_sliding_window" in cfg else 0   # Qwen2's convention
+    return [window if i >= first else None for i in range(n)]
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         qkv_bias, o_bias = biases
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -36,7 +59,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
         self.qk_norm = qk_norm
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=sliding_window)
 
     def fuse(self) -> None:
         """Replace the checkpoint's three projections by one matmul (fewer, larger kernel calls)."""
@@ -89,13 +112,13 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+    def __init__(self, cfg: dict, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         hidden, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(hidden, eps)
-        self.self_attn = LlamaAttention(spec, cfg, biases, qk_norm)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.mlp = LlamaMLP(hidden, cfg["intermediate_size"], cfg.get("mlp_bias", False))
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -104,11 +127,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool) -> None:
+    def __init__(self, cfg: dict, layers: list[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, cfg, biases, qk_norm)
-                                    for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
 
 
@@ -116,11 +138,14 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer: RMSNorm, rotary attention with grouped K/V heads, SwiGLU MLP."""
 
     qk_norm = False
+    gguf_names = GGUF_NAMES
+    gguf_permuted_qk = True    # llama.cpp's converter interleaves the rotary halves of q/k rows
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.spec = self.spec_from_config(cfg)
-        self.model = LlamaModel(self.spec, cfg, self.biases(cfg), self.qk_norm)
+        windows = sliding_windows(cfg)
+        self.model = LlamaModel(cfg, [self.make_layer(cfg, i, windows[i]) for i in range(self.spec.num_layers)])
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         theta, scaling = rope_settings(cfg)
         rotary_dim = int(self.spec.head_dim * cfg.get("partial_rotary_factor", 1.0))
@@ -136,6 +161,14 @@ class LlamaForCausalLM(nn.Module):
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab_size=cfg["vocab_size"],
             max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+
+    def make_layer(self, cfg: dict, index: int, sliding_window: int | None) -> nn.Module:
+        """Decoder layer `index`; families that differ only in the MLP override `make_mlp`."""
+        attn = LlamaAttention(self.spec, cfg, self.biases(cfg), self.qk_norm, sliding_window)
+        return LlamaDecoderLayer(cfg, attn, self.make_mlp(cfg, index))
+
+    def make_mlp(self, cfg: dict, index: int) -> nn.Module:
+        return LlamaMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("mlp_bias", False))
 
     def fuse(self) -> None:
         """After loading: merge q/k/v and gate/up projections into single matmuls."""
@@ -160,9 +193,29 @@ class LlamaForCausalLM(nn.Module):
             return None            # recomputed, and some old checkpoints carry it
         return name, tensor
 
+    @classmethod
+    def config_from_gguf(cls, gguf: gguf_file.GGUFFile) -> dict:
+        """The Hugging Face config of a GGUF file of this architecture."""
+        return gguf_file.llama_style_config(gguf)
+
+    @classmethod
+    def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
+                          cfg: dict) -> list[tuple[str, torch.Tensor]] | None:
+        """One GGUF tensor as (HF name, tensor) pairs in HF layout; None if it does not belong here."""
+        hf = gguf_file.hf_name(name, cls.gguf_names)
+        if hf is None:
+            return None
+        if cls.gguf_permuted_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = gguf_file.unpermute_qk(tensor, cfg["num_attention_heads"])
+        elif cls.gguf_permuted_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = gguf_file.unpermute_qk(tensor, cfg["num_key_value_heads"])
+        return [(hf, tensor)]
+
     def use_native_decode(self, kernels: object | None) -> None:
         """Run decode-only steps through the fused native layers of `kernels` (None: PyTorch operators only)."""
-        self.native_decode = None if kernels is None else NativeDecode(self, kernels)
+        dense = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
+                    and type(layer.mlp) is LlamaMLP for layer in self.model.layers)
+        self.native_decode = None if kernels is None or not dense else NativeDecode(self, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
@@ -195,6 +248,7 @@ class NativeDecode:
         self.qk_norm = model.qk_norm
         self.layers = model.model.layers
         self.weights = [self._pack(layer) for layer in self.layers]
+        self.windows = [layer.self_attn.attn.sliding_window or 0 for layer in self.layers]
         self.caches: list[torch.Tensor] | None = None
 
     def _pack(self, layer: LlamaDecoderLayer) -> list[torch.Tensor]:
@@ -215,6 +269,6 @@ class NativeDecode:
         n = x.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)
         return self.kernels.decode_layers(
-            x.contiguous(), self.weights, self.caches, cos, sin, meta.slot_mapping,
+            x.contiguous(), self.weights, self.caches, self.windows, cos, sin, meta.slot_mapping,
             meta.decode_key_slots, meta.decode_key_lens, self.spec.num_heads,
             self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, FLOAT_ROWS)

@@ -9,6 +9,8 @@ from textcomplete.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
+    gguf_permuted_qk = False
+
     @staticmethod
     def biases(cfg: dict) -> tuple[bool, bool]:
         return True, False

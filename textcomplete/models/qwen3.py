@@ -10,3 +10,4 @@ from textcomplete.models.llama import LlamaForCausalLM
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    gguf_permuted_qk = False
