@@ -97,6 +97,35 @@ def _encode(w: np.ndarray, t: QType, seed: int) -> np.ndarray:
     return gguf.quants.quantize(w, t)
 
 
+def write_gguf(path: Path, arch: str, metadata: dict[str, object], tensors: dict[str, np.ndarray],
+               qtype: QType = QType.F32) -> None:
+    """A GGUF file of architecture `arch`: `metadata` keys without the "<arch>." prefix, tensors under their GGUF
+    names in PyTorch's dimension order (2-D and larger ones stored as `qtype`), and the tiny tokenizer."""
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    for key, value in metadata.items():
+        full = key if key.startswith(("general.", "tokenizer.")) else f"{arch}.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(full, value)
+        elif isinstance(value, int):
+            writer.add_uint32(full, value)
+        elif isinstance(value, float):
+            writer.add_float32(full, value)
+        elif isinstance(value, str):
+            writer.add_string(full, value)
+        elif isinstance(value, (list, tuple)):
+            writer.add_array(full, list(value))
+        else:
+            raise TypeError(f"{key}: {type(value).__name__}")
+    _add_tokenizer(writer)
+    for i, (name, w) in enumerate(tensors.items()):
+        t = qtype if w.ndim >= 2 else QType.F32
+        writer.add_tensor(name, _encode(np.ascontiguousarray(w, dtype=np.float32), t, seed=i), raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter) -> None:
     from tokenizers.pre_tokenizers import ByteLevel
     alphabet = sorted(ByteLevel.alphabet())

@@ -51,12 +51,20 @@ def write_tokenizer(directory: Path) -> None:
 
 def make_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """Build, randomly initialise and save a tiny `arch` model (float32) into `directory`."""
+    return save_tiny_model(_config(arch, **overrides), directory, seed)
+
+
+def tiny_config_kwargs(**overrides) -> dict:
+    """The settings every tiny test model shares (vocabulary, special ids, initial weight scale)."""
+    return dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=EOS_ID, initializer_range=0.2, **overrides)
+
+
+def save_tiny_model(config, directory: Path, seed: int = 0) -> Path:
+    """Randomly initialise a transformers model of `config` (float32), perturb its norms and biases, and save it
+    with the tiny tokenizer: the engine loads it like a real checkpoint, transformers is the reference."""
     import transformers as tf
     torch.manual_seed(seed)
-    config = _config(arch, **overrides)
-    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
-           "gpt2": tf.GPT2LMHeadModel}[arch]
-    model = cls(config).to(torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(config).to(torch.float32)
     with torch.no_grad():   # make norms and biases non-trivial too, so loading them wrongly shows
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith("bias"):
