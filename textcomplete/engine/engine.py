@@ -55,6 +55,8 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         spec = loaded.spec
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        if hasattr(loaded.model, "set_context_length"):   # rope scalings that depend on the served context
+            loaded.model.set_context_length(self.max_model_len)
         num_blocks = config.kv_cache_memory // kv_bytes_per_block(spec, config.block_size, loaded.dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)

@@ -122,6 +122,9 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.inv_freq = inv_freq   # a plain attribute, not a buffer: never part of a checkpoint
 
+    def set_context_length(self, length: int) -> None:
+        """Scalings whose frequencies depend on the served context length choose them here."""
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin), each [num_tokens, 1, rotary_dim]; the sin's first half is negated (see `apply`)."""
         if self.inv_freq.device != positions.device:

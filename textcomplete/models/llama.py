@@ -211,6 +211,10 @@ class LlamaForCausalLM(nn.Module):
             tensor = gguf_file.unpermute_qk(tensor, cfg["num_key_value_heads"])
         return [(hf, tensor)]
 
+    def set_context_length(self, length: int) -> None:
+        """The engine serves contexts of up to `length` tokens (some rope scalings choose by it)."""
+        self.rotary.set_context_length(length)
+
     def use_native_decode(self, kernels: object | None) -> None:
         """Run decode-only steps through the fused native layers of `kernels` (None: PyTorch operators only)."""
         dense = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
