@@ -30,8 +30,8 @@ class EngineConfig:
     """How the engine loads and runs one model."""
 
     model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "A local Hugging Face directory, a .gguf file, a hub id, or the built-in default "
-                f"{DEFAULT_MODEL}."})
+        "help": "A local Hugging Face directory, a .gguf file, a hub id (owner/repo), one GGUF file of a hub "
+                f"repository by its quantization (owner/repo:Q4_K_M), or the built-in default {DEFAULT_MODEL}."})
     dtype: str = field(default="auto", metadata={
         "help": "Weight and activation precision: float32, bfloat16, float16, or auto "
                 "(float32 on the CPU, bfloat16 on a GPU)."})
