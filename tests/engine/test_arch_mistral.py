@@ -37,7 +37,8 @@ def mistral_dir(tmp_path_factory):
     return save_tiny_model(mistral_config(), tmp_path_factory.mktemp("tiny-mistral"))
 
 
-def write_llama_style_gguf(hf_dir, path, arch: str, extra: dict | None = None) -> None:
+def write_llama_style_gguf(hf_dir, path, arch: str, extra: dict | None = None,
+                           extra_tensors: dict | None = None) -> None:
     """hf_dir's Llama-layout weights as llama.cpp's converter writes them (q/k rows interleaved)."""
     import json
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -55,7 +56,7 @@ def write_llama_style_gguf(hf_dir, path, arch: str, extra: dict | None = None) -
         elif "self_attn.k_proj" in name:
             w = llama_cpp_permute(w, cfg["num_key_value_heads"])
         tensors[gguf_name(name)] = np.ascontiguousarray(w)
-    write_gguf(path, arch, metadata, tensors)
+    write_gguf(path, arch, metadata, {**tensors, **(extra_tensors or {})})
 
 
 def test_mistral_matches_transformers_beyond_the_window(mistral_dir):
@@ -103,3 +104,28 @@ def test_mistral_batch_invariance(mistral_dir):
     params = [mixed_params(i) for i in range(16)]
     alone = [tokens_of(engine.generate([p], sp)[0]) for p, sp in zip(prompts, params)]
     assert [tokens_of(outs) for outs in engine.generate(prompts, params)] == alone
+
+
+def test_llama3_scaled_gguf_reads_its_rope_frequency_factors(tmp_path):
+    """Llama 3.1/3.2 files carry their rope scaling as a `rope_freqs` tensor (one factor per rotary pair)."""
+    import math
+
+    import transformers as tf
+    theta, old_len = 10000.0, 64
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": old_len, "rope_theta": theta}
+    config = tf.LlamaConfig(**tiny_config_kwargs(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, rope_parameters=scaling, tie_word_embeddings=False))
+    hf_dir = save_tiny_model(config, tmp_path / "llama31")
+    factors = []   # as llama.cpp's converter computes them from the config
+    for freq in (1.0 / (theta ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))).tolist():
+        wavelen = 2 * math.pi / freq
+        smooth = (old_len / wavelen - 1.0) / (4.0 - 1.0)
+        factors.append(1.0 if wavelen < old_len / 4.0 else 8.0 if wavelen > old_len
+                       else 1 / ((1 - smooth) / 8.0 + smooth))
+    assert len(set(factors)) > 2   # some pairs kept, some scaled, some blended
+    path = tmp_path / "llama31.gguf"
+    write_llama_style_gguf(hf_dir, path, "llama",
+                           extra_tensors={"rope_freqs.weight": np.array(factors, dtype=np.float32)})
+    check_parity(path, hf_dir, prompt_len=80)

@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from textcomplete.errors import ModelFileError
-from textcomplete.models.registry import GGUF_ARCHITECTURES, model_class
+from textcomplete.models.registry import GGUF_ARCHITECTURES, architecture_of, model_class
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -192,7 +192,14 @@ class GGUFFile:
         return value
 
     def hf_config(self) -> dict:
-        return self.model_class.config_from_gguf(self)
+        cfg = self.model_class.config_from_gguf(self)
+        # One GGUF architecture may hold several HF ones (llama.cpp's "llama" holds Mixtral): the class the
+        # config names reads the metadata and converts the tensors from then on.
+        named = model_class(architecture_of(cfg))
+        if named is not self.model_class:
+            self.model_class = named
+            cfg = named.config_from_gguf(self)
+        return cfg
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """One tensor by its GGUF name, as float32 in PyTorch's dimension order."""

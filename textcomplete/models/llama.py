@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textcomplete.models import gguf_file
-from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
+from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, rope_kind
 from textcomplete.models.quant import FLOAT_ROWS
 from textcomplete.models.spec import ModelSpec
 
@@ -26,10 +26,15 @@ GGUF_NAMES = {
 
 
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either the classic keys or transformers' newer `rope_parameters`."""
+    """(theta, scaling) from either the classic keys or transformers' newer `rope_parameters`.
+
+    As in transformers, a scaling that needs the pretraining length and lacks one gets `max_position_embeddings`.
+    """
     params = cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    scaling = cfg.get("rope_scaling") or (params if rope_kind(params) != "default" else None)
+    if rope_kind(scaling) in ("llama3", "yarn", "longrope") and not scaling.get("original_max_position_embeddings"):
+        scaling = {**scaling, "original_max_position_embeddings": cfg.get("max_position_embeddings", 2048)}
     return float(theta), scaling
 
 
@@ -196,12 +201,23 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def config_from_gguf(cls, gguf: gguf_file.GGUFFile) -> dict:
         """The Hugging Face config of a GGUF file of this architecture."""
-        return gguf_file.llama_style_config(gguf)
+        cfg = gguf_file.llama_style_config(gguf)
+        if gguf.has_tensor("rope_freqs.weight"):
+            # Llama 3.1's scaling as the converter stores it: one wavelength factor per rotary pair
+            factors = gguf.read_tensor("rope_freqs.weight").reshape(-1).tolist()
+            cfg["rope_scaling"] = {**(cfg.get("rope_scaling") or {"rope_type": "default"}),
+                                   "frequency_factors": factors}
+        if gguf.arch == "llama" and gguf.get("expert_count"):
+            # llama.cpp files Mixtral as "llama" with experts; so named, GGUFFile hands the file to that class
+            cfg["architectures"] = ["MixtralForCausalLM"]
+        return cfg
 
     @classmethod
     def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
                           cfg: dict) -> list[tuple[str, torch.Tensor]] | None:
         """One GGUF tensor as (HF name, tensor) pairs in HF layout; None if it does not belong here."""
+        if name == "rope_freqs.weight":
+            return []   # read into the config's rope scaling
         hf = gguf_file.hf_name(name, cls.gguf_names)
         if hf is None:
             return None

@@ -15,6 +15,15 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("textcomplete.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("textcomplete.models.qwen3", "Qwen3ForCausalLM"),
     "GPT2LMHeadModel": ("textcomplete.models.gpt2", "GPT2LMHeadModel"),
+    "GemmaForCausalLM": ("textcomplete.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("textcomplete.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("textcomplete.models.gemma", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("textcomplete.models.gemma", "Gemma3ForCausalLM"),   # its text part
+    "Phi3ForCausalLM": ("textcomplete.models.phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("textcomplete.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("textcomplete.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("textcomplete.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": ("textcomplete.models.olmoe", "OlmoeForCausalLM"),
 }
 
 GGUF_ARCHITECTURES: dict[str, str] = {
@@ -23,10 +32,23 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    # Mixtral has no entry: llama.cpp files it as "llama" with experts (see LlamaForCausalLM.config_from_gguf)
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "gemma3": "Gemma3ForConditionalGeneration",
+                "phi3": "Phi3ForCausalLM",
+                "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
 def architecture_of(config: dict) -> str:

@@ -1,0 +1,159 @@
+"""Every rope scaling against transformers' own: frequencies, attention factor, and the cos/sin its rotary
+module produces, for real-model-like configs built through our model classes (config dict -> rotary).
+
+Length-dependent kinds are checked where our one-time choice must equal transformers' per-length one:
+longrope's short factors within the original length and long ones beyond it, dynamic NTK at a grown length.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers as tf
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from textcomplete.models.layers import RotaryEmbedding
+from textcomplete.models.llama import LlamaForCausalLM, rope_settings
+from textcomplete.models.phi3 import Phi3ForCausalLM
+
+
+def llama_config(rope, max_positions: int = 8192, head_dim: int = 128, theta: float = 500000.0):
+    return tf.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=head_dim, intermediate_size=64, num_hidden_layers=1, vocab_size=32,
+                          max_position_embeddings=max_positions, rope_theta=theta, rope_scaling=rope)
+
+
+def phi3_config(partial: float, head_dim: int = 96, original: int = 4096, max_positions: int = 131072):
+    rotary_pairs = int(head_dim * partial) // 2
+    rng = random.Random(rotary_pairs)
+    long = [1.0 + 40 * rng.random() for _ in range(rotary_pairs)]
+    short = [1.0 + 0.5 * rng.random() for _ in range(rotary_pairs)]
+    return tf.Phi3Config(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, num_hidden_layers=1, vocab_size=32, partial_rotary_factor=partial,
+                         max_position_embeddings=max_positions, original_max_position_embeddings=original,
+                         rope_scaling={"type": "longrope", "long_factor": long, "short_factor": short})
+
+
+def our_rotary(config, context: int | None = None) -> RotaryEmbedding:
+    """The rotary of our model class for `config`, serving contexts of `context` tokens."""
+    cls = Phi3ForCausalLM if config.model_type == "phi3" else LlamaForCausalLM
+    with torch.device("meta"):
+        rotary = cls(config.to_dict()).rotary
+    if context is not None:
+        rotary.set_context_length(context)
+    return rotary
+
+
+def reference_module(config) -> type:
+    if config.model_type == "phi3":
+        return tf.models.phi3.modeling_phi3.Phi3RotaryEmbedding
+    return tf.models.llama.modeling_llama.LlamaRotaryEmbedding
+
+
+def reference_cos_sin(config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotary module over positions 0..length-1 (it chooses by that length): [length, rot] each."""
+    module = reference_module(config)(config)
+    positions = torch.arange(length)[None, :]
+    cos, sin = module(torch.zeros(1, length, 8), positions)
+    return cos[0], sin[0]
+
+
+def assert_matches(config, context: int, reference_len: int | None = None) -> RotaryEmbedding:
+    """Ours at `context` equals transformers' init function at that length and its module's cos/sin."""
+    kind = config.rope_parameters["rope_type"]
+    rotary = our_rotary(config, context)
+    init = ROPE_INIT_FUNCTIONS.get(kind, reference_module(config).compute_default_rope_parameters)
+    inv_freq, attention = init(config, device="cpu", seq_len=context)
+    torch.testing.assert_close(rotary.inv_freq, inv_freq, rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == pytest.approx(attention, rel=1e-7)
+
+    length = reference_len or context
+    cos_ref, sin_ref = reference_cos_sin(config, length)
+    cos, signed_sin = (t[:, 0] for t in rotary.cos_sin(torch.arange(length), torch.float32))
+    half = rotary.rotary_dim // 2
+    torch.testing.assert_close(cos, cos_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(torch.cat((-signed_sin[:, :half], signed_sin[:, half:]), -1), sin_ref,
+                               rtol=0, atol=2e-6)
+    return rotary
+
+
+def test_default_and_linear():
+    assert_matches(llama_config(None), 8192)
+    assert_matches(llama_config({"rope_type": "linear", "factor": 4.0}), 8192)
+
+
+def test_llama3():
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    assert_matches(llama_config(rope, max_positions=131072), 131072, reference_len=20000)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},   # Qwen2.5 / Qwen3 style
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+     "original_max_position_embeddings": 4096},                                       # gpt-oss style
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16,
+     "original_max_position_embeddings": 4096},                                       # DeepSeek style
+    {"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.25, "original_max_position_embeddings": 8192},
+])
+def test_yarn(rope):
+    rotary = assert_matches(llama_config(rope, max_positions=32768, theta=1000000.0), 32768, reference_len=5000)
+    assert rotary.attention_scaling != 1.0   # its mscale reaches cos and sin
+
+
+def test_yarn_without_an_original_length_takes_max_position_embeddings():
+    config = llama_config({"rope_type": "yarn", "factor": 4.0}, max_positions=4096)
+    rotary = assert_matches(config, 4096)
+    assert rotary.scaling["original_max_position_embeddings"] == 4096
+
+
+@pytest.mark.parametrize("partial,head_dim", [(1.0, 96), (0.75, 128)])   # Phi-3.5-mini, Phi-4-mini
+def test_longrope_short_factors_within_the_original_length(partial, head_dim):
+    config = phi3_config(partial, head_dim)
+    rotary = assert_matches(config, 4096)     # transformers too uses the short factors up to 4096 tokens
+    assert rotary.rotary_dim == int(head_dim * partial)
+    assert rotary.attention_scaling == pytest.approx(1.19023, abs=1e-5)   # sqrt(1 + ln 32 / ln 4096)
+
+
+@pytest.mark.parametrize("partial,head_dim", [(1.0, 96), (0.75, 128)])
+def test_longrope_long_factors_beyond_the_original_length(partial, head_dim):
+    config = phi3_config(partial, head_dim)
+    long = assert_matches(config, 131072, reference_len=4097)   # 4097 positions: transformers' long set
+    short = our_rotary(config, 4096)
+    assert not torch.allclose(long.inv_freq, short.inv_freq)     # the choice is real
+    assert our_rotary(config, 4097).inv_freq.equal(long.inv_freq)
+
+
+def test_longrope_factor_list_must_fit_the_rotary_dim():
+    config = phi3_config(1.0).to_dict()
+    config["rope_parameters"]["long_factor"] = config["rope_parameters"]["long_factor"][:-1]
+    with pytest.raises(ValueError, match="long_factor has 47 values; the rotary dimension 96 needs 48"):
+        with torch.device("meta"):
+            Phi3ForCausalLM(config)
+
+
+def test_dynamic_ntk_within_and_beyond_the_original_length():
+    config = llama_config({"rope_type": "dynamic", "factor": 2.0}, max_positions=2048, theta=10000.0)
+    within = assert_matches(config, 2048)
+    assert within.inv_freq.equal(our_rotary(llama_config(None, 2048, theta=10000.0)).inv_freq)
+    grown = assert_matches(config, 5000)      # transformers' dynamic base at 5000 tokens
+    assert (grown.inv_freq[1:] < within.inv_freq[1:]).all()
+
+
+def test_old_and_new_config_forms_agree():
+    base = dict(hidden_size=256, num_attention_heads=2, head_dim=128, max_position_embeddings=2048, rope_theta=1e4)
+    old = RotaryEmbedding(128, 2048, *rope_settings({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
+    new = RotaryEmbedding(128, 2048, *rope_settings(
+        {**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}))
+    for rotary in (old, new):
+        rotary.set_context_length(4096)
+    assert old.kind == new.kind == "dynamic" and old.inv_freq.equal(new.inv_freq)
+    assert rope_settings({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})[1] is None
+
+
+def test_unknown_kind_names_the_supported_ones():
+    with pytest.raises(ValueError, match=r"'mrope' is not supported \(supported: default, linear, llama3, yarn, "
+                                         r"longrope, dynamic\)"):
+        RotaryEmbedding(64, 2048, 10000.0, {"rope_type": "mrope"})
