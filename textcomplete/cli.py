@@ -15,6 +15,7 @@ import sys
 from textcomplete import __version__
 from textcomplete.api.limits import ServerLimits
 from textcomplete.config import EngineConfig, parse_size
+from textcomplete.models.registry import families_text
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_cmd_models_list)
 
     serve = commands.add_parser("serve", help="Serve the OpenAI Completions API.",
-                                description="Serve POST /v1/completions and GET /v1/models for one model.")
+                                description="Serve POST /v1/completions and GET /v1/models for one model.",
+                                epilog=f"Model families: {families_text()}. Each loads from a Hugging Face "
+                                       "directory or hub id (safetensors) or from a GGUF file.")
     serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     serve.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000).")
     serve.add_argument("--api-key", action="append", metavar="KEY",

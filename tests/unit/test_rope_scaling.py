@@ -157,3 +157,13 @@ def test_unknown_kind_names_the_supported_ones():
     with pytest.raises(ValueError, match=r"'mrope' is not supported \(supported: default, linear, llama3, yarn, "
                                          r"longrope, dynamic\)"):
         RotaryEmbedding(64, 2048, 10000.0, {"rope_type": "mrope"})
+
+
+def test_yarn_stretches_the_served_context_and_gguf_keeps_it(tmp_path):
+    """Qwen2.5's YaRN (factor 4 over 32768) serves 131072 tokens, from its HF config and from its GGUF keys."""
+    from textcomplete.models.llama import LlamaForCausalLM
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 10,
+           "max_position_embeddings": 32768, "rope_theta": 1e6,
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    assert LlamaForCausalLM.spec_from_config(cfg).max_position_embeddings == 131072
+    assert LlamaForCausalLM.spec_from_config({**cfg, "rope_scaling": None}).max_position_embeddings == 32768

@@ -260,8 +260,16 @@ def llama_style_config(gguf: GGUFFile) -> dict:
            "eos_token_id": m.get("tokenizer.ggml.eos_token_id")}
     if heads % cfg["num_key_value_heads"]:
         raise gguf.fail(f"{heads} attention heads cannot share {cfg['num_key_value_heads']} key/value heads")
-    if gguf.get("rope.scaling.type") == "linear":
+    scaling = gguf.get("rope.scaling.type")
+    if scaling == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": gguf.get("rope.scaling.factor")}
+    elif scaling == "yarn":   # the converter's keys, back to transformers' names
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": gguf.get("rope.scaling.factor"),
+                               "original_max_position_embeddings": gguf.size("rope.scaling.original_context_length")}
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if gguf.get(f"rope.scaling.{key}") is not None:
+                cfg["rope_scaling"][name] = gguf.get(f"rope.scaling.{key}")
     window = gguf.get("attention.sliding_window")
     if window:
         cfg["sliding_window"] = gguf.size("attention.sliding_window")

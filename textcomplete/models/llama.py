@@ -49,6 +49,20 @@ def sliding_windows(cfg: dict) -> list[int | None]:
     return [window if i >= first else None for i in range(n)]
 
 
+def context_length(cfg: dict) -> int:
+    """The longest context: `max_position_embeddings`, or what a YaRN scaling stretches the original to.
+
+    Qwen2.5's configs keep max_position_embeddings at the original 32768 and add YaRN with factor 4 to reach
+    131072 (vLLM serves it so too); the frequencies do not depend on the length, so nothing else changes.
+    """
+    length = cfg.get("max_position_embeddings", 2048)
+    _, scaling = rope_settings(cfg)
+    if rope_kind(scaling) == "yarn" and scaling.get("factor"):
+        original = scaling.get("original_max_position_embeddings") or length
+        length = max(length, int(scaling["factor"] * original))
+    return length
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, cfg: dict, biases: tuple[bool, bool], qk_norm: bool,
                  sliding_window: int | None = None) -> None:
@@ -164,8 +178,7 @@ class LlamaForCausalLM(nn.Module):
             num_layers=cfg["num_hidden_layers"], num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab_size=cfg["vocab_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+            vocab_size=cfg["vocab_size"], max_position_embeddings=context_length(cfg))
 
     def make_layer(self, cfg: dict, index: int, sliding_window: int | None) -> nn.Module:
         """Decoder layer `index`; families that differ only in the MLP override `make_mlp`."""

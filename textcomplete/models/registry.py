@@ -6,8 +6,10 @@ Keys are Hugging Face `architectures` names; GGUF `general.architecture` values 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:   # the CLI reads this module for --help without loading torch
+    from torch import nn
 
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("textcomplete.models.llama", "LlamaForCausalLM"),
@@ -49,6 +51,29 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
                 "phi3": "Phi3ForCausalLM",
                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+# The model families each architecture serves, as users know them (for `serve --help` and the README).
+FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "Llama 2, Llama 3/3.1/3.2, CodeLlama, TinyLlama, SmolLM/SmolLM2",
+    "MistralForCausalLM": "Mistral (sliding window), Codestral",
+    "Qwen2ForCausalLM": "Qwen2, Qwen2.5, Qwen2.5-Coder",
+    "Qwen3ForCausalLM": "Qwen3",
+    "GemmaForCausalLM": "Gemma",
+    "Gemma2ForCausalLM": "Gemma 2",
+    "Gemma3ForCausalLM": "Gemma 3 (text)",
+    "Phi3ForCausalLM": "Phi-3, Phi-3.5-mini, Phi-4-mini",
+    "MixtralForCausalLM": "Mixtral",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE, Qwen2-MoE",
+    "Qwen3MoeForCausalLM": "Qwen3-MoE (e.g. Qwen3-30B-A3B)",
+    "OlmoeForCausalLM": "OLMoE",
+    "GPT2LMHeadModel": "GPT-2",
+}
+
+
+def families_text() -> str:
+    """One line: every served family, in the order above."""
+    return "; ".join(FAMILIES.values())
 
 
 def architecture_of(config: dict) -> str:

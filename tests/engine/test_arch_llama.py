@@ -1,7 +1,8 @@
-"""Mistral's sliding window: exact beyond the window in every attention path, in HF and GGUF form.
+"""The Llama layout's variants: Mistral's sliding window, and the rope scalings as GGUF files carry them.
 
-The tiny model's window (24 tokens) ends inside a KV block (16 tokens), and its prompts are several
-windows long, so a path that ignores the window or misplaces its edge gives different log-probabilities.
+Mistral's tiny model has a window (24 tokens) that ends inside a KV block (16 tokens), and its prompts are
+several windows long, so a path that ignores the window or misplaces its edge gives different
+log-probabilities; it is checked in every attention path, in HF and GGUF form.
 """
 
 from __future__ import annotations
@@ -128,4 +129,21 @@ def test_llama3_scaled_gguf_reads_its_rope_frequency_factors(tmp_path):
     path = tmp_path / "llama31.gguf"
     write_llama_style_gguf(hf_dir, path, "llama",
                            extra_tensors={"rope_freqs.weight": np.array(factors, dtype=np.float32)})
+    check_parity(path, hf_dir, prompt_len=80)
+
+
+def test_yarn_gguf_keys_give_the_hf_scaling(tmp_path):
+    """Qwen2.5-style YaRN, written with the converter's rope.scaling.* keys, reads back as the HF scaling."""
+    import transformers as tf
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+               "beta_fast": 16.0, "beta_slow": 2.0, "rope_theta": 10000.0}
+    config = tf.LlamaConfig(**tiny_config_kwargs(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, rope_parameters=scaling, tie_word_embeddings=False))
+    hf_dir = save_tiny_model(config, tmp_path / "yarn")
+    path = tmp_path / "yarn.gguf"
+    write_llama_style_gguf(hf_dir, path, "llama", {
+        "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 32,
+        "rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0})
+    assert make_engine(path).max_model_len == 128
     check_parity(path, hf_dir, prompt_len=80)
