@@ -27,8 +27,9 @@ class _WeightOnly(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        # In the model's own dtype, as the activations that meet them (float32 in the exact mode).
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() == 2     # the models' activations are [num_tokens, features]: no reshapes needed
@@ -53,7 +54,7 @@ class Int8Linear(_WeightOnly):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        w = self.weight
+        w = self.weight.float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(_ACT))
@@ -70,7 +71,7 @@ class Int4Linear(_WeightOnly):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        w = self.weight
+        w = self.weight.float()
         n, k = w.shape
         groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
