@@ -34,16 +34,20 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def random_k_quant_blocks(rows: int, cols: int, qtype: QType, seed: int) -> np.ndarray:
-    """Valid Q4_K / Q6_K bytes (the gguf package cannot quantize these): random payload, sane scales."""
+    """Valid Q4_K / Q5_K / Q6_K bytes (the gguf package cannot quantize these): random payload, sane scales."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    if qtype == QType.Q4_K:      # d, dmin (f16) lead the block
+    # d such that the weights stay small (random 6-bit or 8-bit sub-block scales multiply it): logits of a
+    # few units, where float32 rounding stays far below the tests' 1e-3
+    d = {QType.Q4_K: 0.01, QType.Q5_K: 0.002, QType.Q6_K: 0.002}[qtype]
+    scale = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+    if qtype in (QType.Q4_K, QType.Q5_K):      # d, dmin (f16) lead the block
         blocks[:, 0:2] = scale
         blocks[:, 2:4] = scale
-    else:                        # Q6_K: d (f16) ends the block
+    else:                        # Q6_K: d (f16) ends the block, after 16 int8 sub-block scales
         blocks[:, -2:] = scale
+        blocks[:, -18:-2] = rng.integers(1, 9, size=(blocks.shape[0], 16), dtype=np.uint8)
     return blocks.reshape(rows, cols // block_size * type_size)
 
 
@@ -92,7 +96,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 def _encode(w: np.ndarray, t: QType, seed: int) -> np.ndarray:
     if t == QType.F32:
         return np.ascontiguousarray(w, dtype=np.float32)
-    if t in (QType.Q4_K, QType.Q6_K):
+    if t in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
         return random_k_quant_blocks(w.shape[0], w.shape[1], t, seed)
     return gguf.quants.quantize(w, t)
 

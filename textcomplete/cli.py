@@ -149,16 +149,17 @@ def _workload_config(args: argparse.Namespace):
                           prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                           scoring_requests=args.scoring_requests,
                           scoring_prompts_per_request=args.scoring_prompts_per_request,
-                          shared_prefix_requests=args.shared_prefix_requests)
+                          shared_prefix_requests=args.shared_prefix_requests,
+                          prefill_tokens=args.prefill_tokens)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from textcomplete.bench import workloads
     from textcomplete.bench.loadgen import LoadGenerator
     config = _workload_config(args)
-    tokenizer = _bench_tokenizer(args.tokenizer_model)
     if args.compare:
-        return _bench_compare(args, config, tokenizer)
+        return _bench_compare(args, config)
+    tokenizer = _bench_tokenizer(args.tokenizer_model)
     gen = LoadGenerator(args.base_url, args.model, api_key=args.api_key)
     chosen = tuple(w.strip().replace("-", "_") for w in args.workloads.split(","))
     results = workloads.run(gen, tokenizer, config, args.base_url, workloads=chosen)
@@ -166,26 +167,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_compare(args: argparse.Namespace, config, tokenizer) -> int:
+def _bench_compare(args: argparse.Namespace, config) -> int:
     import shlex
     from pathlib import Path
 
-    from textcomplete.bench import compare, report, workloads
-    gguf = compare.default_gguf()
-    logs = Path(args.output).parent / "bench-logs"
+    from textcomplete.bench import bench_models, compare, llama_cpp_build, report, workloads
+    chosen = bench_models.parse_models(args.models)
+    binaries = llama_cpp_build.ensure_built()
+    docs = Path(args.output).parent
+    logs = docs / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    roof = compare.roofline(gguf)
-    print(f"roofline: {roof.bandwidth_gbs:.1f} GB/s measured; weights per decode step "
-          f"{roof.fp32_bytes_per_step / 1e6:.0f} MB float32 ({roof.ceiling(roof.fp32_bytes_per_step):.0f} steps/s), "
-          f"{roof.gguf_bytes_per_step / 1e6:.0f} MB as stored ({roof.ceiling(roof.gguf_bytes_per_step):.0f} steps/s)")
-    ours = compare.run_ours(gguf, config, tokenizer, logs, shlex.split(args.serve_args))
-    print(workloads.format_results(ours))
-    peer = compare.run_peer(args.peer_python, gguf, config, tokenizer, logs)
-    print(workloads.format_results(peer))
+    models = [bench_models.prepare(name, fmt, binaries.quantize, Path(args.bench_models_dir).expanduser())
+              for name, fmt in chosen]
+    bandwidth = compare.measure_bandwidth()
+    print(f"memory bandwidth: {bandwidth:.1f} GB/s")
+    runs, skipped = [], []
+    for model in models:
+        tokenizer = _bench_tokenizer(str(model.path))
+        tokens = compare.kv_tokens(max(config.concurrency), config)
+        done = {}
+        for name, start in (("textcomplete", lambda: compare.run_textcomplete(
+                model, config, tokenizer, logs, shlex.split(args.serve_args), tokens)),
+                            ("llama-server", lambda: compare.run_llama_server(
+                                binaries.server, model, config, tokenizer, logs, tokens))):
+            try:
+                done[name] = start()
+            except RuntimeError as exc:   # a server that cannot load this model is reported, not fatal
+                print(f"{name} on {model.label} failed: {str(exc)[-500:]}")
+                skipped.append(f"{name} on {model.label}: {str(exc).splitlines()[0][:200]}")
+                continue
+            print(workloads.format_results(done[name].results))
+        if done:
+            runs.append(compare.ModelRun(model, done, *compare.file_figures(model)))
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
     command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
-    path = report.write(Path(args.output).parent, ours, peer, roof, compare.environment_lines(args.peer_python),
-                        command.strip(), config, args.note or [])
+    env = compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent))
+    path = report.write(docs, runs, bandwidth, env, command.strip(), config, args.note or [], skipped)
     print(f"wrote {path}")
     return 0
 
@@ -382,11 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     load = commands.add_parser(
-        "bench", help="Load-test an OpenAI-compatible completions server, or compare with llama-cpp-python.",
+        "bench", help="Load-test an OpenAI-compatible completions server, or compare with llama.cpp's server.",
         description="Streamed requests at a sweep of concurrencies (output tokens/s, requests/s, time to first "
                     "token and inter-token latency), lm-eval style scoring and a shared-prefix workload, against "
-                    "any server at --base-url; with --compare, against textcomplete and llama-cpp-python's "
-                    "server in turn on the same GGUF file, writing docs/benchmarks.md.")
+                    "any server at --base-url; with --compare, against textcomplete and llama.cpp's llama-server "
+                    "(built from source on first use, then cached) in turn on the same GGUF files, writing "
+                    "docs/benchmarks.md.")
     load.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="The server's /v1 URL.")
     load.add_argument("--model", default="SmolLM2-135M-Instruct", help="Model id to request.")
     load.add_argument("--api-key", default="bench", help="Bearer key to send.")
@@ -402,11 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Prompts per scoring request; 1 for servers that take one prompt (default: 8).")
     load.add_argument("--shared-prefix-requests", type=int, default=32,
                       help="Requests sharing one 512-token prefix (default: 32).")
+    load.add_argument("--prefill-tokens", type=int, default=512,
+                      help="Prompt length of the prefill workload (default: 512).")
     load.add_argument("--compare", action="store_true",
-                      help="Run the workloads against textcomplete and llama-cpp-python, and write the report.")
-    load.add_argument("--peer-python", default=os.path.expanduser("~/.cache/textcomplete-peer-venv/bin/python"),
-                      help="Python of an environment with llama-cpp-python[server] installed.")
-    load.add_argument("--serve-args", default="", help="Extra options for textcomplete serve in --compare.")
+                      help="Run single stream, the sweep and prefill against textcomplete and llama-server, "
+                           "and write the report.")
+    load.add_argument("--models", default="smollm2-135m:Q4_1",
+                      help="With --compare, comma-separated NAME:FORMAT: smollm2-135m:Q4_1 (the shipped file), "
+                           "smollm2-1.7b or llama3-8b with Q4_K_M, Q8_0 or F16 (random weights at the real "
+                           "shape, written and quantized on first use; default: smollm2-135m:Q4_1).")
+    load.add_argument("--bench-models-dir", default="~/.cache/textcomplete/bench-models",
+                      help="Where --compare caches the random-weight GGUF files.")
+    load.add_argument("--serve-args", default="",
+                      help="Extra options for textcomplete serve in --compare (its threads and KV cache are set "
+                           "to match llama-server's).")
     load.add_argument("--output", default="docs/benchmarks.md", help="Where --compare writes its report.")
     load.add_argument("--note", action="append", help="A line for the report's notes (repeatable).")
     load.set_defaults(handler=_cmd_bench)

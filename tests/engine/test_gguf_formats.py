@@ -12,6 +12,7 @@ from textcomplete.config import EngineConfig
 from textcomplete.engine.engine import LLMEngine
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.models.loader import load_model
+from textcomplete.quant.linear import ConcatLinear, StoredEmbedding, StoredLinear
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +36,36 @@ def fused(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight as the values the model computes with, whether a layer holds floats or stored blocks."""
+    values = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ConcatLinear):
+            values[f"{name}.weight"] = torch.cat([p.stored.dequantize() for p in module.parts])
+        elif isinstance(module, (StoredLinear, StoredEmbedding)) and ".parts." not in name:
+            values[f"{name}.weight"] = module.stored.dequantize()
+    for name, param in model.named_parameters():
+        if not name.startswith(tuple(n.rsplit(".", 1)[0] + "." for n in values)):
+            values[name] = param
+    return values
+
+
 @pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
-                                   QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+                                   QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K],
+                         ids=lambda q: q.name)
 def test_gguf_tensor_types_load_as_written(tiny_llama_256, tmp_path, qtype):
     expected = fused(write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", qtype))
-    loaded = load_model(str(tmp_path / "m.gguf"))
-    params = dict(loaded.model.named_parameters())
-    assert set(params) == set(expected)
+    model = load_model(str(tmp_path / "m.gguf")).model
+    stored = [m for m in model.modules() if isinstance(m, (StoredLinear, StoredEmbedding))]
+    if qtype == QType.F32:
+        assert not stored
+    else:   # every matrix runs from its stored blocks: no float copy of it exists
+        assert len(stored) == 2 + 7 * 2 and {m.stored.fmt.name for m in stored} == {qtype.name}
+        assert all(p.dim() == 1 for p in model.parameters())
+    values = effective_weights(model)
+    assert set(values) == set(expected)
     for name, want in expected.items():
-        torch.testing.assert_close(params[name], want, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(values[name], want, rtol=0, atol=0, msg=name)
 
 
 def test_gguf_f32_gives_the_same_logprobs_as_the_hf_checkpoint(tiny_llama_256, tmp_path):

@@ -1,8 +1,8 @@
-"""Side-by-side comparison with llama-cpp-python's server on the same GGUF file, in one run on one machine.
+"""Side-by-side comparison with llama.cpp's own server (`llama-server`) on the same GGUF files, on one machine.
 
-Starts each server in turn (never both at once: they would share the two cores), runs the same workloads
-against each, measures the machine's memory bandwidth for the roofline, and writes `docs/benchmarks.md`
-with a table of both servers' figures, their ratios and PNG plots.
+For each model x format, starts each server in turn (never both at once: they would share the two cores) with
+the same threads and the same KV-cache capacity in tokens, records its load time and peak resident memory, and
+runs the same workloads against each; `report` turns the runs into `docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,17 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import torch
 
+from textcomplete.bench.bench_models import BenchModel, ModelShape
 from textcomplete.bench.loadgen import LoadGenerator, Summary
 from textcomplete.bench.workloads import ServerResults, WorkloadConfig, run
-from textcomplete.models.gguf_file import GGUFFile
-from textcomplete.models.loader import default_model_path
-from textcomplete.tokenizer import Tokenizer
 
-MODEL_ID = "SmolLM2-135M-Instruct"
+COMPARE_WORKLOADS = ("single", "sweep", "prefill")
+THREADS = 2
 
 
 def _free_port() -> int:
@@ -35,26 +33,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """A server started as a subprocess, ready when `ready_path` answers, stopped by its process id."""
+def parse_status_kib(text: str) -> dict[str, int]:
+    """The kB fields of /proc/PID/status (VmRSS, VmHWM, ...) as KiB."""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            fields[key] = int(parts[0])
+    return fields
 
-    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, env: dict | None = None) -> None:
-        self.port = port
-        self.log_path = log
+
+def memory_kib(pid: int) -> dict[str, int]:
+    try:
+        return parse_status_kib(Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return {}
+
+
+class ServerProcess:
+    """A server started as a subprocess, ready when `ready_path` answers 200, stopped by its process id."""
+
+    def __init__(self, cmd: list[str], port: int, ready_path: str, log: Path, env: dict | None = None,
+                 timeout: float = 1800) -> None:
+        self.port, self.log_path = port, log
         self.log = log.open("w")
+        started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while time.monotonic() < started + timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited early: {log.read_text()[-2000:]}")
+                self.log.close()
+                code = self.proc.returncode
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise RuntimeError(f"{Path(cmd[0]).name} stopped before it was ready ({how}); see {log}\n"
+                                   f"{log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                    self.load_seconds = time.monotonic() - started
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server did not become ready; see {log}")
+
+    def peak_rss_kib(self) -> int:
+        """The high-water mark of resident memory so far (VmHWM)."""
+        return memory_kib(self.proc.pid).get("VmHWM", 0)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -67,19 +92,116 @@ class ServerProcess:
         self.log.close()
 
 
-@dataclass(frozen=True)
-class Roofline:
-    bandwidth_gbs: float
-    fp32_bytes_per_step: int
-    gguf_bytes_per_step: int
+@dataclass
+class PeerRun:
+    """One server on one model: its workload figures, load time and memory."""
+    results: ServerResults
+    load_seconds: float
+    rss_loaded_kib: int      # VmHWM once healthy, before any request
+    rss_peak_kib: int        # VmHWM after the workloads
+    kv_tokens: int
+    command: list[str]
 
-    def ceiling(self, bytes_per_step: int) -> float:
-        """Decode steps per second if every step only streamed the weights once."""
-        return self.bandwidth_gbs * 1e9 / bytes_per_step
+
+@dataclass
+class ModelRun:
+    model: BenchModel
+    runs: dict[str, PeerRun]     # server name -> its run
+    file_bytes: int
+    bytes_per_token: int
+
+
+def kv_tokens(concurrency: int, config: WorkloadConfig, block_size: int = 16) -> int:
+    """KV capacity both servers get: every slot can hold its longest request, rounded up to whole blocks."""
+    longest = max(config.prompt_tokens + config.output_tokens, config.prefill_tokens + 1)
+    per_slot = -(-longest // block_size) * block_size
+    return concurrency * per_slot
+
+
+def textcomplete_kv_memory(shape: ModelShape, tokens: int, itemsize: int = 4) -> int:
+    """The --kv-cache-memory that gives textcomplete exactly `tokens` KV slots (its blocks x block size)."""
+    return tokens * shape.kv_bytes_per_token(itemsize)
+
+
+def serve_itemsize(extra: list[str]) -> int:
+    """Bytes per KV element of textcomplete serve with these options (float32 on the CPU unless --dtype says)."""
+    dtype = extra[extra.index("--dtype") + 1] if "--dtype" in extra[:-1] else "float32"
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def run_textcomplete(model: BenchModel, config: WorkloadConfig, tokenizer, logs: Path, extra: list[str],
+                     tokens: int) -> PeerRun:
+    memory = textcomplete_kv_memory(model.shape, tokens, serve_itemsize(extra))
+    cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "info", "serve", "--model", str(model.path),
+           "--served-model-name", model.label, "--port", "0", "--threads", str(THREADS), "--kv-cache-memory", str(memory),
+           *extra]
+    return _run_server("textcomplete", cmd, "/health", model, config, tokenizer, logs, tokens)
+
+
+def llama_server_command(binary: Path, model: BenchModel, port: int, concurrency: int, tokens: int) -> list[str]:
+    """llama-server on `THREADS` threads, `concurrency` slots sharing one KV buffer of `tokens` tokens.
+
+    --kv-unified lets any slot use the whole buffer, as textcomplete's paged blocks do; --cache-ram 0 turns off
+    its host-memory prompt cache, which textcomplete has no counterpart of (its prefix cache lives in the KV).
+    """
+    return [str(binary), "-m", str(model.path), "-a", model.label, "-t", str(THREADS), "-tb", str(THREADS),
+            "-np", str(concurrency), "-c", str(tokens), "--kv-unified", "--cache-ram", "0",
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def run_llama_server(binary: Path, model: BenchModel, config: WorkloadConfig, tokenizer, logs: Path,
+                     tokens: int) -> PeerRun:
+    cmd = llama_server_command(binary, model, 0, max(config.concurrency), tokens)
+    return _run_server("llama-server", cmd, "/health", model, config, tokenizer, logs, tokens)
+
+
+def _run_server(name: str, cmd: list[str], ready: str, model: BenchModel, config: WorkloadConfig, tokenizer,
+                logs: Path, tokens: int) -> PeerRun:
+    port = _free_port()
+    cmd = [str(port) if i and cmd[i - 1] == "--port" else part for i, part in enumerate(cmd)]
+    log = logs / f"{name}-{model.label.replace(' ', '-')}.log"
+    print(f"starting {name} on {model.label}: {' '.join(cmd)}")
+    server = ServerProcess(cmd, port, ready, log)
+    try:
+        loaded = server.peak_rss_kib()
+        print(f"{name}: healthy after {server.load_seconds:.1f} s, peak RSS {loaded / 1024:.0f} MiB")
+        gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", model.label)
+        warm_up(gen)
+        results = run(gen, tokenizer, config, name, workloads=COMPARE_WORKLOADS)
+        return PeerRun(results, server.load_seconds, loaded, server.peak_rss_kib(), tokens, cmd)
+    finally:
+        server.stop()
+
+
+def warm_up(gen: LoadGenerator) -> None:
+    """One short request before the timed ones, so that first-use work (lazy kernel builds, allocations) is
+    not charged to the single-stream figure; llama-server does the same at load (its warm-up run)."""
+    httpx.post(gen.url, json=gen.body("Warm up", 8), headers=gen.headers, timeout=gen.timeout)
+
+
+def weights_read_per_token(tensors: list[tuple[str, int, int]], tied: bool) -> int:
+    """Bytes a decode step streams: every tensor, except that an untied embedding table is only indexed.
+
+    `tensors` holds (name, bytes, rows); an indexed table costs one row of its bytes.
+    """
+    total = 0
+    for name, nbytes, rows in tensors:
+        total += nbytes // rows if name == "token_embd.weight" and not tied else nbytes
+    return total
+
+
+def file_figures(model: BenchModel) -> tuple[int, int]:
+    """(tensor bytes in the file, weight bytes read per decode step)."""
+    import gguf
+    infos = gguf.GGUFReader(model.path).tensors
+    tied = not any(t.name == "output.weight" for t in infos)
+    tensors = [(t.name, int(t.n_bytes), max(1, int(t.n_elements) // model.shape.hidden)) for t in infos]
+    return sum(n for _, n, _ in tensors), weights_read_per_token(tensors, tied)
 
 
 def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
     """Copy bandwidth in GB/s (bytes read + written), best of a few runs."""
+    import torch
     src = torch.ones(size_mib << 18, dtype=torch.float32)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -90,74 +212,29 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def roofline(gguf_path: Path) -> Roofline:
-    gguf = GGUFFile(gguf_path)
-    elements = sum(t.n_elements for t in gguf.tensor_infos)
-    stored = sum(t.n_bytes for t in gguf.tensor_infos)
-    return Roofline(measure_bandwidth(), elements * 4, stored)
-
-
-def run_ours(model: Path, config: WorkloadConfig, tokenizer: Tokenizer, logs: Path,
-             extra: list[str]) -> ServerResults:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "warning", "serve", "--model", str(model),
-           "--served-model-name", MODEL_ID, "--port", str(port), *extra]
-    server = ServerProcess(cmd, port, "/health", logs / "textcomplete.log")
-    try:
-        gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", MODEL_ID)
-        return run(gen, tokenizer, config, "textcomplete")
-    finally:
-        server.stop()
-
-
-def run_peer(peer_python: str, model: Path, config: WorkloadConfig, tokenizer: Tokenizer,
-             logs: Path) -> ServerResults:
-    """llama-cpp-python's server, 2 threads; a second instance with all logits kept serves the scoring."""
-    results = _run_peer_once(peer_python, model, config, tokenizer, logs, ("single", "sweep", "shared_prefix"),
-                             [])
-    scoring = _run_peer_once(peer_python, model, config, tokenizer, logs, ("scoring",), ["--logits_all", "true"])
-    results.scoring = scoring.scoring
-    return results
-
-
-def _run_peer_once(peer_python, model, config, tokenizer, logs, workloads, extra) -> ServerResults:
-    port = _free_port()
-    cmd = [peer_python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL_ID,
-           "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--port", str(port),
-           "--interrupt_requests", "false", *extra]   # queue concurrent requests rather than cut them off
-    server = ServerProcess(cmd, port, "/v1/models", logs / f"llama-cpp-python{'-'.join(workloads)}.log")
-    try:
-        gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", MODEL_ID)
-        # Its server takes one prompt per request and scores slowly: 4 single-prompt requests suffice.
-        return run(gen, tokenizer, replace(config, scoring_prompts_per_request=1, scoring_requests=4),
-                   "llama-cpp-python", workloads=workloads)
-    finally:
-        server.stop()
-
-
-def peer_version(peer_python: str) -> str:
-    out = subprocess.run([peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def default_gguf() -> Path:
-    return default_model_path()
-
-
-def environment_lines(peer_python: str) -> list[str]:
+def environment_lines(llama_version: str, commit: str) -> list[str]:
+    import torch
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     return [f"- CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB memory; {platform.system()} {platform.release()}",
-            f"- Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
-            f"- llama-cpp-python {peer_version(peer_python)} (2 threads)"]
+            f"- Python {platform.python_version()}, torch {torch.__version__}; textcomplete at {commit}",
+            f"- llama-server built from the llama.cpp vendored in llama-cpp-python {llama_version} "
+            f"(CMake Release, GGML_NATIVE=ON)",
+            f"- both servers on {THREADS} threads, one after the other; load average when the report was written "
+            f"{os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min): anything else running on the "
+            "two cores slows both servers"]
+
+
+def git_commit(repo: Path) -> str:
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--short", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + (" with uncommitted changes" if dirty else "")
 
 
 def ratio(ours: float, peer: float) -> float:

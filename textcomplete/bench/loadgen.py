@@ -126,7 +126,9 @@ class LoadGenerator:
                         stream: bool = True, prompt_tokens: int = 0) -> Summary:
         """Send every body, at most `concurrency` in flight; streamed unless `stream` is False."""
         gate = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        # A fresh connection per request: llama-server closes a connection after a streamed response, and a
+        # reused one then fails at once (RemoteProtocolError); a loopback connect costs well under a millisecond.
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits) as client:
             with tqdm(total=len(bodies), desc=f"{name} c={concurrency}", leave=False) as bar:
                 async def one(body: dict) -> Timing:

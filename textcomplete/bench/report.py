@@ -1,125 +1,208 @@
-"""Writing the comparison: docs/benchmarks.md with both servers' figures, ratios, targets, roofline and plots."""
+"""Writing the comparison: docs/benchmarks.md with each model's figures for both servers, ratios, targets,
+the memory-bandwidth roofline and plots.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from textcomplete.bench.compare import Roofline, level, ratio
-from textcomplete.bench.workloads import ServerResults, WorkloadConfig
+from textcomplete.bench.compare import ModelRun, PeerRun, level, ratio
+from textcomplete.bench.workloads import WorkloadConfig
 
-TARGETS = [
-    # (what, how ours/peer is judged, threshold, text)
-    ("c16_throughput", "min", 3.0, "Aggregate output tokens/s at concurrency 16: at least 3x"),
-    ("scoring", "min", 5.0, "Scoring prompt tokens/s: at least 5x"),
-    ("c16_ttft", "max", 1 / 3, "p50 time to first token at concurrency 16: at most 1/3 of the peer's"),
-    ("single", "min", 1.0, "Single-stream output tokens/s: at least 1.0x"),
-]
+OURS, PEER = "textcomplete", "llama-server"
+KEEP_MARKER = "<!-- The generated report ends here; what follows is kept when the report is regenerated. -->"
 
 
-def target_ratios(ours: ServerResults, peer: ServerResults) -> dict[str, float]:
-    o16, p16 = level(ours, 16), level(peer, 16)
-    return {
-        "c16_throughput": ratio(o16.output_tokens_per_s, p16.output_tokens_per_s) if o16 and p16 else float("nan"),
-        "scoring": ratio(ours.scoring.prompt_tokens_per_s, peer.scoring.prompt_tokens_per_s)
-        if ours.scoring and peer.scoring else float("nan"),
-        "c16_ttft": ratio(o16.ttft_p50, p16.ttft_p50) if o16 and p16 else float("nan"),
-        "single": ratio(ours.single.output_tokens_per_s, peer.single.output_tokens_per_s)
-        if ours.single and peer.single else float("nan"),
-    }
+@dataclass(frozen=True)
+class Target:
+    key: str
+    kind: str          # "max": ours / peer must be at most `threshold`; "min": at least
+    threshold: float
+    text: str
 
 
-def _row(label: str, ours: float, peer: float, unit: str, digits: int = 1) -> str:
-    return f"| {label} | {ours:.{digits}f} {unit} | {peer:.{digits}f} {unit} | {ratio(ours, peer):.2f}x |"
+TARGETS = (Target("rss_peak", "max", 1.15, "Peak RSS after the run: at most 1.15x"),
+           Target("single", "min", 1.0, "Single-stream output tokens/s: at least 1.0x"))
 
 
-def figures_table(ours: ServerResults, peer: ServerResults) -> list[str]:
-    lines = ["| workload | textcomplete | llama-cpp-python | ratio (textcomplete / peer) |", "|---|---|---|---|"]
-    if ours.single and peer.single:
-        lines.append(_row("single stream, output tokens/s", ours.single.output_tokens_per_s,
-                          peer.single.output_tokens_per_s, "tok/s"))
-        lines.append(_row("single stream, p50 inter-token latency", ours.single.itl_p50 * 1000,
-                          peer.single.itl_p50 * 1000, "ms"))
-    for o in ours.sweep:
-        p = level(peer, o.concurrency)
-        if p is None:
-            continue
-        c = o.concurrency
-        lines.append(_row(f"concurrency {c}, output tokens/s", o.output_tokens_per_s, p.output_tokens_per_s, "tok/s"))
-        lines.append(_row(f"concurrency {c}, requests/s", o.requests_per_s, p.requests_per_s, "req/s", 3))
-        lines.append(_row(f"concurrency {c}, TTFT p50", o.ttft_p50, p.ttft_p50, "s", 3))
-        lines.append(_row(f"concurrency {c}, TTFT p99", o.ttft_p99, p.ttft_p99, "s", 3))
-        lines.append(_row(f"concurrency {c}, ITL p50", o.itl_p50 * 1000, p.itl_p50 * 1000, "ms"))
-        lines.append(_row(f"concurrency {c}, ITL p99", o.itl_p99 * 1000, p.itl_p99 * 1000, "ms"))
-    if ours.scoring and peer.scoring:
-        lines.append(_row("scoring, prompt tokens scored/s", ours.scoring.prompt_tokens_per_s,
-                          peer.scoring.prompt_tokens_per_s, "tok/s"))
-    if ours.shared_prefix and peer.shared_prefix:
-        lines.append(_row("shared prefix, TTFT p50", ours.shared_prefix.ttft_p50, peer.shared_prefix.ttft_p50, "s", 3))
+@dataclass(frozen=True)
+class Figures:
+    """The headline figures of one server on one model; NaN where a workload did not run."""
+    rss_loaded_mib: float
+    rss_peak_mib: float
+    load_seconds: float
+    single_tok_s: float
+    c16_tok_s: float
+    c16_ttft_s: float
+    c16_itl_ms: float
+    prefill_tok_s: float
+
+    @classmethod
+    def of(cls, run: PeerRun, concurrency: int = 16) -> "Figures":
+        r, nan = run.results, float("nan")
+        c = level(r, concurrency)
+        return cls(run.rss_loaded_kib / 1024, run.rss_peak_kib / 1024, run.load_seconds,
+                   r.single.output_tokens_per_s if r.single else nan,
+                   c.output_tokens_per_s if c else nan, c.ttft_p50 if c else nan,
+                   c.itl_p50 * 1000 if c else nan,
+                   r.prefill.prompt_tokens_per_s if r.prefill else nan)
+
+
+ROWS = (  # (label, field, unit, digits)
+    ("peak RSS after load", "rss_loaded_mib", "MiB", 0),
+    ("peak RSS after the run", "rss_peak_mib", "MiB", 0),
+    ("load time (start to healthy)", "load_seconds", "s", 1),
+    ("single stream, output tokens/s", "single_tok_s", "tok/s", 1),
+    ("concurrency 16, aggregate output tokens/s", "c16_tok_s", "tok/s", 1),
+    ("concurrency 16, TTFT p50", "c16_ttft_s", "s", 3),
+    ("concurrency 16, ITL p50", "c16_itl_ms", "ms", 1),
+    ("prefill, prompt tokens/s", "prefill_tok_s", "tok/s", 1),
+)
+
+
+def _num(value: float, digits: int, unit: str = "") -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}{' ' + unit if unit else ''}"
+
+
+def figures_table(ours: Figures, peer: Figures, concurrency: int = 16) -> list[str]:
+    lines = [f"| figure | {OURS} | {PEER} | ratio ({OURS} / {PEER}) |", "|---|---|---|---|"]
+    for label, field, unit, digits in ROWS:
+        a, b = getattr(ours, field), getattr(peer, field)
+        label = label.replace("concurrency 16", f"concurrency {concurrency}")
+        lines.append(f"| {label} | {_num(a, digits, unit)} | {_num(b, digits, unit)} | {_num(ratio(a, b), 2)}x |")
     return lines
 
 
-def targets_table(ratios: dict[str, float]) -> list[str]:
-    lines = ["| target | measured ratio | met |", "|---|---|---|"]
-    for key, kind, threshold, text in TARGETS:
-        value = ratios[key]
-        met = value >= threshold if kind == "min" else value <= threshold
-        lines.append(f"| {text} | {value:.2f}x | {'yes' if met else '**no**'} |")
+def target_ratios(ours: Figures, peer: Figures) -> dict[str, float]:
+    return {"rss_peak": ratio(ours.rss_peak_mib, peer.rss_peak_mib),
+            "single": ratio(ours.single_tok_s, peer.single_tok_s)}
+
+
+def met(target: Target, value: float) -> bool:
+    if math.isnan(value):
+        return False
+    return value <= target.threshold if target.kind == "max" else value >= target.threshold
+
+
+def targets_table(rows: list[tuple[str, dict[str, float]]]) -> list[str]:
+    """One row per model x format, one column per target: the ratio and whether it is met."""
+    lines = ["| model | " + " | ".join(t.text for t in TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+    for label, ratios in rows:
+        cells = [f"{_num(ratios[t.key], 2)}x {'met' if met(t, ratios[t.key]) else '**missed**'}" for t in TARGETS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot(ours: ServerResults, peer: ServerResults, docs: Path) -> list[str]:
+def roofline_lines(run: ModelRun, bandwidth_gbs: float, single: dict[str, float]) -> list[str]:
+    """Weights streamed per decode step against the machine's bandwidth, and how close each server came."""
+    ceiling = bandwidth_gbs * 1e9 / run.bytes_per_token
+    reached = ", ".join(f"{name} {_num(v, 1)} tok/s ({_num(100 * v / ceiling, 0)}% of it)"
+                        for name, v in single.items())
+    return [f"- {run.model.label}: {run.file_bytes / 1e6:,.0f} MB of tensors in the file, "
+            f"{run.bytes_per_token / 1e6:,.0f} MB read per decode step; batch-1 ceiling at {bandwidth_gbs:.1f} GB/s: "
+            f"{ceiling:.1f} tok/s; single stream reached: {reached}"]
+
+
+def plot(runs: list[ModelRun], docs: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
-    for name, key, ylabel, log in [("bench-throughput.png", "output_tokens_per_s", "output tokens/s", False),
-                                   ("bench-ttft.png", "ttft_p50", "p50 time to first token (s)", True)]:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        for results, style in ((ours, "o-"), (peer, "s--")):
-            xs = [s.concurrency for s in results.sweep]
-            ax.plot(xs, [getattr(s, key) for s in results.sweep], style, label=results.name)
-        ax.set_xscale("log", base=2)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xticks([s.concurrency for s in ours.sweep], [str(s.concurrency) for s in ours.sweep])
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title(f"SmolLM2-135M-Instruct, {ylabel} vs concurrency")
+    for name, key, ylabel in (("bench-throughput.png", "output_tokens_per_s", "aggregate output tokens/s"),
+                              ("bench-ttft.png", "ttft_p50", "p50 time to first token (s)")):
+        fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), dpi=110, squeeze=False)
+        for ax, model_run in zip(axes[0], runs):
+            for server, style in ((OURS, "o-"), (PEER, "s--")):
+                sweep = model_run.runs[server].results.sweep if server in model_run.runs else []
+                ax.plot([s.concurrency for s in sweep], [getattr(s, key) for s in sweep], style, label=server)
+            ax.set_xscale("log", base=2)
+            levels = sorted({s.concurrency for run in model_run.runs.values() for s in run.results.sweep})
+            ax.set_xticks(levels, [str(c) for c in levels])
+            if key == "ttft_p50":
+                ax.set_yscale("log")
+            ax.set_xlabel("concurrent streams")
+            ax.set_ylabel(ylabel)
+            ax.set_title(model_run.model.label)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         fig.savefig(docs / name)
         plt.close(fig)
         made.append(name)
+    made.append(_plot_memory(runs, docs, plt))
     return made
 
 
-def write(docs: Path, ours: ServerResults, peer: ServerResults, roof: Roofline, env: list[str], command: str,
-          config: WorkloadConfig, notes: list[str]) -> Path:
+def _plot_memory(runs: list[ModelRun], docs: Path, plt) -> str:
+    name = "bench-memory.png"
+    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(runs)), 3.8), dpi=110)
+    width = 0.38
+    for i, (server, color) in enumerate(((OURS, "tab:blue"), (PEER, "tab:orange"))):
+        values = [r.runs[server].rss_peak_kib / 1024 if server in r.runs else 0 for r in runs]
+        ax.bar([x + (i - 0.5) * width for x in range(len(runs))], values, width, label=server, color=color)
+    ax.set_xticks(range(len(runs)), [r.model.label for r in runs])
+    ax.set_ylabel("peak RSS after the run (MiB)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(docs / name)
+    plt.close(fig)
+    return name
+
+
+def kept_tail(path: Path) -> list[str]:
+    """The hand-written part after the marker of an earlier report, so regenerating does not erase it."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [KEEP_MARKER, "", text.split(KEEP_MARKER, 1)[1].strip("\n")] if KEEP_MARKER in text else []
+
+
+def workload_text(config: WorkloadConfig) -> str:
+    return (f"Workloads, the same for both servers: streamed requests with {config.prompt_tokens}-token prompts "
+            f"and {config.output_tokens} output tokens (end-of-text biased away with `logit_bias`, so every "
+            f"request runs to full length), {config.single_stream_requests} one after the other for the single "
+            f"stream, then at concurrency {', '.join(map(str, config.concurrency))}; prefill: "
+            f"{config.prefill_requests} distinct {config.prefill_tokens}-token prompts, one at a time, "
+            f"`max_tokens: 1`, not streamed.")
+
+
+def write(docs: Path, runs: list[ModelRun], bandwidth_gbs: float, env: list[str], command: str,
+          config: WorkloadConfig, notes: list[str], skipped: list[str]) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
-    images = plot(ours, peer, docs)
-    ratios = target_ratios(ours, peer)
-    lines = ["# Benchmarks: textcomplete against llama-cpp-python", "",
-             "Generated by the comparison command; both servers ran one after the other on this machine, "
-             "on the same GGUF file (SmolLM2-135M-Instruct, Q4_1).", "", "## Environment", "", *env, "",
-             "## Command", "", "```bash", command, "```", "",
-             f"Workloads: streamed requests with {config.prompt_tokens}-token prompts and {config.output_tokens} "
-             f"output tokens (end-of-text biased away with `logit_bias`) at concurrency "
-             f"{', '.join(map(str, config.concurrency))}; scoring, lm-eval style (`echo`, `logprobs: 1`, "
-             f"`max_tokens: 1`) on {config.scoring_prompt_tokens}-token prompts, {config.scoring_prompts_per_request} "
-             f"prompts per request for textcomplete, one prompt per request for llama-cpp-python (its server takes one "
-             f"prompt per request; 4 such requests); "
-             f"{config.shared_prefix_requests} requests sharing a {config.shared_prefix_tokens}-token prefix.", "",
-             "## Targets", "", *targets_table(ratios), "", "## Figures", "", *figures_table(ours, peer), "",
-             *[f"![{name}]({name})" for name in images], "", "## Roofline", "",
-             f"- Measured memory bandwidth (copy, read + write): {roof.bandwidth_gbs:.1f} GB/s",
-             f"- Weights read per decode step: {roof.fp32_bytes_per_step / 1e6:.0f} MB in float32, "
-             f"{roof.gguf_bytes_per_step / 1e6:.0f} MB as stored in the GGUF file",
-             f"- Decode ceiling at batch 1 if a step only streamed the weights: "
-             f"{roof.ceiling(roof.fp32_bytes_per_step):.0f} steps/s in float32, "
-             f"{roof.ceiling(roof.gguf_bytes_per_step):.0f} steps/s at the file's precision", ""]
+    path = docs / "benchmarks.md"
+    tail = kept_tail(path)
+    images = plot(runs, docs) if runs else []
+    top = max(config.concurrency)
+    figures = {r.model.label: {s: Figures.of(p, 16 if level(p.results, 16) else top) for s, p in r.runs.items()}
+               for r in runs}
+    complete = [r for r in runs if OURS in r.runs and PEER in r.runs]
+    lines = [f"# Benchmarks: textcomplete against llama.cpp's server", "",
+             "Generated by the comparison command. For each model and format both servers ran one after the "
+             "other on this machine, on the same GGUF file, with the same threads and the same KV-cache "
+             "capacity in tokens.", "", "## What ran", "",
+             *[f"- {r.model.label}: `{r.model.path.name}`"
+               f"{' (random weights at the real shape)' if r.model.random_weights else ' (the shipped file)'}, "
+               f"KV cache {next(iter(r.runs.values())).kv_tokens} tokens in both servers" for r in runs],
+             *[f"- not run: {s}" for s in skipped], "", "## Environment", "", *env, "",
+             "## Command", "", "```bash", command, "```", "", workload_text(config), "",
+             "## Targets", "", "Ratios textcomplete / llama-server.", "",
+             *targets_table([(r.model.label, target_ratios(figures[r.model.label][OURS],
+                                                            figures[r.model.label][PEER])) for r in complete]), ""]
+    for r in complete:
+        lines += [f"## {r.model.label}", "", *figures_table(figures[r.model.label][OURS],
+                                                              figures[r.model.label][PEER],
+                                                              16 if level(r.runs[OURS].results, 16) else top), ""]
+    lines += [*[f"![{name}]({name})" for name in images], "", "## Roofline", "",
+              f"Measured memory bandwidth (copy, read + write): {bandwidth_gbs:.1f} GB/s. A decode step at batch 1 "
+              "has to stream every weight it multiplies by once, so bandwidth / bytes per step bounds "
+              "single-stream tokens/s.", "",
+              *[line for r in runs for line in roofline_lines(
+                  r, bandwidth_gbs, {s: figures[r.model.label][s].single_tok_s for s in r.runs})], ""]
     if notes:
         lines += ["## Notes", "", *notes, ""]
-    path = docs / "benchmarks.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + tail) + "\n")
     return path

@@ -31,6 +31,8 @@ class WorkloadConfig:
     shared_prefix_requests: int = 32
     shared_prefix_tokens: int = 512
     shared_suffix_tokens: int = 16
+    prefill_tokens: int = 512
+    prefill_requests: int = 3
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ServerResults:
     sweep: list[Summary] = field(default_factory=list)
     scoring: Summary | None = None
     shared_prefix: Summary | None = None
+    prefill: Summary | None = None
 
 
 class PromptMaker:
@@ -62,7 +65,7 @@ def eos_bias(tokenizer: Tokenizer) -> dict[str, int]:
     return {str(t): -100 for t in tokenizer.eos_token_ids}
 
 
-ALL_WORKLOADS = ("single", "sweep", "scoring", "shared_prefix")
+ALL_WORKLOADS = ("single", "sweep", "scoring", "shared_prefix", "prefill")
 
 
 async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConfig, name: str,
@@ -89,7 +92,15 @@ async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConf
         bodies = [gen.body(prefix + " " + prompts.text(config.shared_suffix_tokens), 1, logit_bias=bias)
                   for _ in range(config.shared_prefix_requests)]
         out.shared_prefix = await gen.run_level("shared prefix", bodies, config.shared_prefix_requests, 1)
+    if "prefill" in workloads:
+        out.prefill = await _prefill(gen, prompts, config)
     return out
+
+
+async def _prefill(gen: LoadGenerator, prompts: PromptMaker, config: WorkloadConfig) -> Summary:
+    """Distinct long prompts, one at a time, one output token each: prompt tokens processed per second."""
+    bodies = [gen.body(prompts.text(config.prefill_tokens), 1) for _ in range(config.prefill_requests)]
+    return await gen.run_level("prefill", bodies, 1, stream=False, prompt_tokens=config.prefill_tokens)
 
 
 async def _scoring(gen: LoadGenerator, prompts: PromptMaker, config: WorkloadConfig) -> Summary:
@@ -118,4 +129,8 @@ def format_results(results: ServerResults) -> str:
         s = results.scoring
         lines.append(f"{'scoring (echo+logprobs)':<22} {1:>4} {s.requests:>5} {s.errors:>4} "
                      f"{s.prompt_tokens_per_s:>10.1f} prompt tokens/s scored")
+    if results.prefill is not None:
+        s = results.prefill
+        lines.append(f"{'prefill':<22} {1:>4} {s.requests:>5} {s.errors:>4} "
+                     f"{s.prompt_tokens_per_s:>10.1f} prompt tokens/s")
     return "\n".join(lines)

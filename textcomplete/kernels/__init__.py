@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SANITIZE_ENV = "TEXTCOMPLETE_SANITIZE"
 _SOURCE = Path(__file__).with_name("decode.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_OPENMP = ["-fopenmp"]   # links the OpenMP runtime torch has already loaded (same soname)
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
 
@@ -40,11 +41,13 @@ def build_flags() -> tuple[list[str], list[str]]:
     return ["-O1", "-g", "-march=native", "-fopenmp-simd", *instrument], instrument
 
 
-def build_directory(name: str, source: Path) -> Path:
-    """The cache directory of one module's build: one per module, source, compiler flags, torch version and
-    CPU (-march=native is CPU-specific)."""
+def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False) -> Path:
+    """The cache directory of one module's build: one per module, source (and the headers it includes),
+    compiler flags, torch version and CPU (-march=native is CPU-specific)."""
     cflags, _ = build_flags()
-    key = hashlib.sha256(b"\0".join([name.encode(), source.read_bytes(), " ".join(cflags).encode(),
+    cflags += _OPENMP if openmp else []
+    texts = [source.read_bytes(), *(h.read_bytes() for h in headers)]
+    key = hashlib.sha256(b"\0".join([name.encode(), *texts, " ".join(cflags).encode(),
                                      torch.__version__.encode(), platform.machine().encode(),
                                      _cpu_model().encode()])).hexdigest()[:16]
     root = Path(os.environ.get("TEXTCOMPLETE_CACHE", Path.home() / ".cache" / "textcomplete"))
@@ -61,8 +64,10 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def build_extension(name: str, source: Path) -> ModuleType:
-    """Compile (or load from the cache) the torch extension in `source`; raises if it cannot be built."""
+def build_extension(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False) -> ModuleType:
+    """Compile (or load from the cache) the torch extension in `source`, which may include `headers`;
+    raises if it cannot be built. `openmp` compiles it with OpenMP: at::parallel_for is an inline template
+    that runs its loop on one thread unless the extension itself is built with OpenMP."""
     import fcntl
 
     from torch.utils.cpp_extension import load
@@ -70,7 +75,8 @@ def build_extension(name: str, source: Path) -> ModuleType:
     cflags, ldflags = build_flags()
     if ldflags:
         name += "_sanitized"
-    build_dir = build_directory(name, source)
+    cflags, ldflags = cflags + (_OPENMP if openmp else []), ldflags + (_OPENMP if openmp else [])
+    build_dir = build_directory(name, source, headers, openmp)
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch guards a build with a lock file that a killed build leaves behind, and every later build then
     # waits for it forever. An flock is released by the system when its holder dies: hold one around the
@@ -100,5 +106,28 @@ def _build_decode() -> ModuleType | None:
         return build_extension("textcomplete_decode", _SOURCE)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
         log.warning("could not build the native decode kernels (%s); decode steps use PyTorch operators",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        return None
+
+
+def quant_matmul() -> ModuleType | None:
+    """The compiled block-format matmul module of `quant_matmul.cpp` (built on first call, then cached), or
+    None if it cannot be built; textcomplete.quant then decodes with PyTorch."""
+    with _lock:
+        if "quant_matmul" not in _built:
+            _built["quant_matmul"] = _build_quant_matmul()
+        return _built["quant_matmul"]
+
+
+def _build_quant_matmul() -> ModuleType | None:
+    if platform.system() != "Linux":
+        log.info("native block-format kernels are built on Linux only; using PyTorch operators")
+        return None
+    source = Path(__file__).with_name("quant_matmul.cpp")
+    headers = tuple(sorted((source.parent / "quant").glob("*.h")))
+    try:
+        return build_extension("textcomplete_quant_matmul", source, headers, openmp=True)
+    except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
+        log.warning("could not build the native block-format kernels (%s); GGUF weights are decoded with PyTorch",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
         return None

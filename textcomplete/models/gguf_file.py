@@ -25,6 +25,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from textcomplete.errors import ModelFileError
+from textcomplete.quant import FORMATS, format_of
+from textcomplete.quant.stored import StoredTensor
 from textcomplete.models.registry import GGUF_ARCHITECTURES, architecture_of, model_class
 
 _MAGIC = b"GGUF"
@@ -211,18 +213,33 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensor_infos)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor in HF layout), one at a time."""
+    def tensors(self, stored: bool = True) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
+        """(HF name, tensor in HF layout), one at a time: with `stored`, the matrices the architecture runs
+        from their stored format stay `StoredTensor` views of the file; everything else is float32."""
         cfg = self.hf_config()
         for t in self.tensor_infos:
-            converted = self.model_class.tensors_from_gguf(t.name, _dequantized(self._mapped(), t), cfg)
+            keep = stored and self._storable(t) and self.model_class.keeps_stored(t.name)
+            tensor = self._stored(t) if keep else _dequantized(self._mapped(), t)
+            converted = self.model_class.tensors_from_gguf(t.name, tensor, cfg)
             if converted is None:
                 raise self.fail(f"unexpected tensor {t.name!r} for {self.arch}")
             yield from converted
 
+    @staticmethod
+    def _storable(t: TensorInfo) -> bool:
+        return len(t.shape) >= 2 and t.type != GGMLQuantizationType.F32 and int(t.type) in FORMATS
+
+    def _stored(self, t: TensorInfo) -> StoredTensor:
+        """A view of tensor `t`'s bytes as [*rows, row_bytes] (no copy: pages are read when a kernel reads them)."""
+        shape = tuple(reversed(t.shape))
+        raw = torch.from_numpy(self._mapped()[t.offset:t.offset + t.n_bytes])
+        return StoredTensor.of(raw.view(*shape[:-1], -1), format_of(int(t.type)), shape)
+
     def _mapped(self) -> np.memmap:
         if self._data is None:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # Copy-on-write: the file is never written, and torch accepts the (writable) private view without
+            # copying it; untouched pages cost no memory.
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="c")
         return self._data
 
 
@@ -276,18 +293,21 @@ def llama_style_config(gguf: GGUFFile) -> dict:
     return cfg
 
 
-def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def unpermute_qk(w: torch.Tensor | StoredTensor, num_heads: int) -> torch.Tensor | StoredTensor:
     """Undo llama.cpp's interleaving of each head's rotary halves in the q/k projection rows."""
     rows = w.shape[0]
+    if isinstance(w, StoredTensor):   # the same reorder, recorded rather than copied
+        order = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2).reshape(-1)
+        return w.reorder_rows(order)
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _dequantized(data: np.memmap, t: TensorInfo) -> torch.Tensor:
-    """A float32 copy of tensor `t` (the mapped file is read-only), in PyTorch's dimension order."""
+    """Tensor `t` as float32 in PyTorch's dimension order (decoded, except F32, which is used in place)."""
     raw = data[t.offset:t.offset + t.n_bytes]
     shape = tuple(reversed(t.shape))
-    if t.type == GGMLQuantizationType.F32:
-        array = np.array(raw.view("<f4"), dtype=np.float32)
+    if t.type == GGMLQuantizationType.F32:   # a view, no copy (the mapping is copy-on-write)
+        return torch.from_numpy(raw.view("<f4").reshape(shape))
     elif t.type == GGMLQuantizationType.F16:
         array = raw.view("<f2").astype(np.float32)
     else:

@@ -121,6 +121,10 @@ class GPT2LMHeadModel(nn.Module):
                 "n_inner": gguf.size("feed_forward_length") if gguf.get("feed_forward_length") else None,
                 "activation_function": "gelu_new"}
 
+    @staticmethod
+    def keeps_stored(gguf_name: str) -> bool:
+        return False   # its GGUF matrices are transposed on loading, which needs their values
+
     @classmethod
     def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
                           cfg: dict) -> list[tuple[str, torch.Tensor]] | None:

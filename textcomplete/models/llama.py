@@ -13,6 +13,7 @@ from textcomplete.models import gguf_file
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, rope_kind
 from textcomplete.models.quant import FLOAT_ROWS
 from textcomplete.models.spec import ModelSpec
+from textcomplete.quant.linear import ConcatLinear
 
 
 # GGUF tensor-name parts (as llama.cpp's converter writes them) -> Hugging Face parameter-name parts.
@@ -119,8 +120,13 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One linear layer computing the given ones side by side (outputs concatenated in order)."""
+def _concat_linears(linears: list[nn.Module]) -> nn.Module:
+    """One linear layer computing the given ones side by side (outputs concatenated in order).
+
+    Float layers merge into one matmul; layers over stored weights stay separate (see ConcatLinear).
+    """
+    if not all(type(m) is nn.Linear for m in linears):
+        return ConcatLinear(linears)
     weight = torch.cat([m.weight for m in linears])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
                       device=weight.device, dtype=weight.dtype)
@@ -225,6 +231,12 @@ class LlamaForCausalLM(nn.Module):
             cfg["architectures"] = ["MixtralForCausalLM"]
         return cfg
 
+    @staticmethod
+    def keeps_stored(gguf_name: str) -> bool:
+        """Whether this GGUF matrix runs from its stored format (else it is decoded to float32 on loading)."""
+        # Routed experts are restacked on loading (textcomplete.models.moe), which needs their values.
+        return "_exps" not in gguf_name
+
     @classmethod
     def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
                           cfg: dict) -> list[tuple[str, torch.Tensor]] | None:
@@ -247,7 +259,11 @@ class LlamaForCausalLM(nn.Module):
     def use_native_decode(self, kernels: object | None) -> None:
         """Run decode-only steps through the fused native layers of `kernels` (None: PyTorch operators only)."""
         dense = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
-                    and type(layer.mlp) is LlamaMLP for layer in self.model.layers)
+                    and type(layer.mlp) is LlamaMLP and all(
+                        type(m) is nn.Linear or hasattr(m, "kernel_tensors")   # float, or int8/int4
+                        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                  layer.mlp.down_proj))
+                    for layer in self.model.layers)
         self.native_decode = None if kernels is None or not dense else NativeDecode(self, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

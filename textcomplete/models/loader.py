@@ -25,6 +25,8 @@ from textcomplete.errors import ModelFileError
 from textcomplete.models.gguf_file import GGUFFile
 from textcomplete.models.registry import architecture_of, model_class
 from textcomplete.models.spec import ModelSpec
+from textcomplete.quant.linear import StoredEmbedding, StoredLinear
+from textcomplete.quant.stored import StoredTensor
 from textcomplete.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -186,14 +188,18 @@ def _safetensors(directory: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], i
     return tensors(), total
 
 
-def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, torch.Tensor]], total: int,
-                dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Construct without allocating (meta device), then adopt each checkpoint tensor as a parameter."""
+def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, torch.Tensor | StoredTensor]],
+                total: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Construct without allocating (meta device), then adopt each checkpoint tensor as a parameter.
+
+    Stored matrices (GGUF blocks) replace their linear layer or embedding by one that runs the stored format;
+    any other module that receives one gets its float values.
+    """
     cls = model_class(architecture)
     with torch.device("meta"):
         model = cls(config)
     expected = dict(model.named_parameters())
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | StoredTensor] = {}
     for raw_name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
         mapped = model.checkpoint_tensor(raw_name, tensor)
         if mapped is None:
@@ -203,13 +209,31 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
             raise ValueError(f"checkpoint tensor {raw_name!r} does not belong to a {architecture}")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(f"{raw_name}: shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        state[name] = tensor if isinstance(tensor, StoredTensor) else tensor.to(device=device, dtype=dtype).contiguous()
     for name, source in model.tied_weights().items():
         if name not in state and source in state:
             state[name] = state[source]
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors of a {architecture}, e.g. {missing[:3]}")
+    _adopt_stored(model, state, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.fuse()
     return model.eval().requires_grad_(False)
+
+
+def _adopt_stored(model: nn.Module, state: dict[str, torch.Tensor | StoredTensor], dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Swap each layer whose weight is stored for its stored-format counterpart; `state` keeps the rest."""
+    for name in [n for n, t in state.items() if isinstance(t, StoredTensor)]:
+        path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(path)
+        stored = state.pop(name)
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if leaf == "weight" and type(module) is nn.Linear and device.type == "cpu":
+            setattr(parent, child, StoredLinear(stored, bias=module.bias is not None))
+        elif leaf == "weight" and type(module) is nn.Embedding and device.type == "cpu":
+            setattr(parent, child, StoredEmbedding(stored))
+        else:   # a layer without a stored-format version (a router, a GPU run): its values
+            state[name] = stored.dequantize().to(device=device, dtype=dtype)

@@ -1,0 +1,174 @@
+"""Block-format matmul kernels against a float64 oracle: dequantize in PyTorch, then multiply in float64.
+
+Every format, row counts on both sides of the direct/tiled switch, odd N and K, the vector and the portable
+decoders, the PyTorch fallback, read-only mapped weights, and clear errors on bad input.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+import torch
+
+from tests.unit.test_quant_formats import EXPECTED, by_name, random_blocks
+from textcomplete.kernels import quant_matmul
+from textcomplete.quant import DIRECT_ROWS, Format, dequantize, embedding, matmul, native_available
+
+ROWS = [1, 2, 3, 16, 33]
+NS = [7, 33, 65]
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = quant_matmul()
+    assert module is not None, "the native block-format kernels did not build"
+    return module
+
+
+def odd_ks(fmt: Format) -> list[int]:
+    """K values of an odd number of blocks (float formats: a multiple of 16 and one with a ragged tail)."""
+    if fmt.block_size == 1:
+        return [48, 101]
+    return [fmt.block_size * 3] if fmt.block_size == 256 else [fmt.block_size * 3, fmt.block_size * 7]
+
+
+class Oracle:
+    """x @ W.T in float64 from the PyTorch decoder, and the float32 bound 1e-5 * (|x| @ |W|.T) per output
+    (float32 rounding over K terms)."""
+
+    def __init__(self, x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int) -> None:
+        w = dequantize(raw, fmt, k).double()
+        self.name = fmt.name
+        self.exact = x.double() @ w.T
+        self.bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30
+
+    def check(self, y: torch.Tensor) -> None:
+        assert y.dtype == torch.float32 and y.shape == self.exact.shape
+        worst = ((y.double() - self.exact).abs() / self.bound).max().item()
+        assert worst <= 1.0, f"{self.name}: error {worst:.3g} x the float32 bound"
+
+
+def assert_matches_oracle(y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int) -> None:
+    Oracle(x, raw, fmt, k).check(y)
+
+
+def cases(fmt: Format, seed: int):
+    for k in odd_ks(fmt):
+        for n in NS:
+            raw = torch.from_numpy(random_blocks(fmt, n, k, seed=seed + n + k))
+            for m in ROWS:
+                yield m, n, k, raw, torch.randn(m, k, generator=torch.Generator().manual_seed(m + n + k))
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_native_kernels_match_the_oracle(native, name):
+    fmt = by_name(name)
+    for m, n, k, raw, x in cases(fmt, seed=0):
+        oracle = Oracle(x, raw, fmt, k)
+        oracle.check(matmul(x, raw, fmt, k))
+        for direct_rows in (0, 64):       # force the tiled and the direct path at every row count
+            for portable in (False, True):
+                oracle.check(native.matmul(x, raw, fmt.type_id, k, direct_rows, portable))
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_native_dequantize_matches_pytorch(native, name):
+    fmt = by_name(name)
+    for k in odd_ks(fmt):
+        raw = torch.from_numpy(random_blocks(fmt, 19, k, seed=k))
+        expected = dequantize(raw, fmt, k)
+        for portable in (False, True):
+            # The two may round a scale's product differently (a fused multiply-add): one float32 ulp.
+            torch.testing.assert_close(native.dequantize(raw, fmt.type_id, k, portable), expected,
+                                       rtol=2e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_the_pytorch_fallback_matches_the_oracle(name):
+    fmt = by_name(name)
+    for m, n, k, raw, x in cases(fmt, seed=1):
+        if m in (1, 33):
+            assert_matches_oracle(matmul(x, raw, fmt, k, native=False), x, raw, fmt, k)
+
+
+def test_every_thread_count_gives_the_same_answer(native):
+    """Exactly for the direct path (each output is one thread's sum); within the bound for the tiled one,
+    whose matmul library may pick other kernels when it runs inside a parallel region."""
+    fmt, k, n = by_name("Q4_K"), 256 * 5, 301
+    raw = torch.from_numpy(random_blocks(fmt, n, k, seed=3))
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, DIRECT_ROWS, DIRECT_ROWS + 1, 40):
+            x = torch.randn(m, k)
+            torch.set_num_threads(1)
+            one = matmul(x, raw, fmt, k)
+            torch.set_num_threads(max(2, threads))
+            several = matmul(x, raw, fmt, k)
+            if m <= DIRECT_ROWS:
+                torch.testing.assert_close(several, one, rtol=0, atol=0)
+            for y in (one, several):
+                assert_matches_oracle(y, x, raw, fmt, k)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_weights_in_a_read_only_map_with_padded_rows(native, tmp_path):
+    """Rows may be views with a stride beyond their bytes, in a mapping that faults on any write."""
+    fmt, k, n = by_name("Q6_K"), 256 * 3, 33
+    rows = random_blocks(fmt, n, k, seed=5)
+    padded = np.zeros((n, rows.shape[1] + 14), dtype=np.uint8)
+    padded[:, :rows.shape[1]] = rows
+    path = tmp_path / "weights.bin"
+    path.write_bytes(padded.tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with pytest.warns(UserWarning, match="not writable"):
+            whole = torch.frombuffer(mapped, dtype=torch.uint8)
+        raw = whole.reshape(n, -1)[:, :rows.shape[1]]
+        for m in (1, 3, 33):
+            x = torch.randn(m, k)
+            assert_matches_oracle(matmul(x, raw, fmt, k), x, torch.from_numpy(rows), fmt, k)
+        ids = torch.tensor([5, 0, 32, 5])
+        torch.testing.assert_close(embedding(ids, raw, fmt, k), dequantize(torch.from_numpy(rows), fmt, k)[ids],
+                                   rtol=2e-7, atol=1e-30)
+        del whole, raw
+
+
+def test_empty_inputs():
+    fmt = by_name("Q8_0")
+    raw = torch.from_numpy(random_blocks(fmt, 5, 64, seed=0))
+    assert matmul(torch.zeros(0, 64), raw, fmt, 64).shape == (0, 5)
+    assert matmul(torch.zeros(2, 64), raw[:0], fmt, 64).shape == (2, 0)
+    assert embedding(torch.zeros(0, dtype=torch.long), raw, fmt, 64).shape == (0, 64)
+
+
+def test_bad_inputs_raise_clear_errors(native):
+    fmt, k = by_name("Q4_0"), 64
+    raw = torch.from_numpy(random_blocks(fmt, 8, k, seed=0))
+    x = torch.randn(3, k)
+    with pytest.raises(ValueError, match="contiguous"):
+        matmul(torch.randn(k, 3).t(), raw, fmt, k)
+    with pytest.raises(ValueError, match=r"float32 \[M, 64\]"):
+        matmul(x.double(), raw, fmt, k)
+    with pytest.raises(ValueError, match=r"float32 \[M, 64\]"):
+        matmul(torch.randn(3, 96), raw, fmt, k)
+    with pytest.raises(ValueError, match=r"uint8 \[N, 36\]"):
+        matmul(x, raw[:, :20], fmt, k)
+    with pytest.raises(ValueError, match="contiguous bytes"):
+        matmul(x, torch.zeros(36, 8, dtype=torch.uint8).t(), fmt, k)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        matmul(torch.randn(3, 40), raw, fmt, 40)
+    # The native entry points check for themselves too: an error, never a crash.
+    with pytest.raises(RuntimeError, match="takes 36 bytes"):
+        native.matmul(x, raw[:, :20], fmt.type_id, k, 4, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.matmul(torch.randn(k, 3).t(), raw, fmt.type_id, k, 4, False)
+    with pytest.raises(RuntimeError, match="no native kernel"):
+        native.matmul(x, raw, 10, k, 4, False)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        native.dequantize(raw, fmt.type_id, 40, False)
+
+
+def test_native_availability_is_reported():
+    assert native_available() is (quant_matmul() is not None)

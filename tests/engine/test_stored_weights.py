@@ -1,0 +1,140 @@
+"""GGUF weights run from their stored blocks: exact against transformers, batch invariant, and about the file's
+size in memory (read from /proc, so a regression to float32 copies fails)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from safetensors.torch import save_file
+
+from tests.arch_parity import check_parity, make_engine
+from tests.engine.test_batching import mixed_params, random_prompts, tokens_of
+from tests.tiny_gguf import write_gguf, write_llama_gguf
+from tests.tiny_models import make_tiny_model
+from textcomplete.quant.linear import StoredLinear
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_256(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama256"), hidden_size=256, intermediate_size=512,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=False)
+
+
+def as_written(hf_dir: Path, gguf_path: Path, qtype: QType, directory: Path) -> Path:
+    """Write hf_dir's model as a `qtype` GGUF, and a copy of the HF checkpoint holding exactly the values the
+    GGUF decodes to (transformers' reference on the same weights)."""
+    weights = write_llama_gguf(hf_dir, gguf_path, qtype)
+    directory.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_dir / name, directory / name)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_1, QType.Q5_0, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+                                   QType.BF16], ids=lambda q: q.name)
+def test_stored_formats_match_transformers_on_their_values(tiny_llama_256, tmp_path, qtype):
+    path = tmp_path / "m.gguf"
+    reference = as_written(tiny_llama_256, path, qtype, tmp_path / "reference")
+    model = make_engine(path).loaded.model
+    assert any(isinstance(m, StoredLinear) for m in model.modules())
+    check_parity(path, reference, prompt_len=60, decode_steps=8)
+
+
+def test_stored_weights_batch_invariance(tiny_llama_256, tmp_path):
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(tiny_llama_256, path, QType.Q4_K)
+    engine = make_engine(path, 64)
+    prompts = random_prompts(16, seed=3, high=70)
+    params = [mixed_params(i) for i in range(16)]
+    alone = [tokens_of(engine.generate([p], sp)[0]) for p, sp in zip(prompts, params)]
+    assert [tokens_of(outs) for outs in engine.generate(prompts, params)] == alone
+
+
+_MEASURE = """
+import json, sys
+from textcomplete.config import EngineConfig
+from textcomplete.engine.engine import LLMEngine
+from textcomplete.engine.sampling_params import SamplingParams
+
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+# What any run costs before its model: torch's compute libraries and thread pools, the stored-format kernels,
+# and the modules torch loads the first time a model is built on the meta device (about 70 MB, once).
+import torch
+from textcomplete.models.llama import LlamaForCausalLM
+from textcomplete.quant import native_available
+native_available()
+torch.mm(torch.randn(256, 1024), torch.randn(1024, 256))
+with torch.device("meta"):
+    LlamaForCausalLM({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 8,
+                      "intermediate_size": 64, "rms_norm_eps": 1e-5})
+before = status()
+engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_memory=int(sys.argv[2]), max_num_batched_tokens=64))
+loaded = status()
+engine.generate([list(range(2, 90))], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+print(json.dumps({"before": before, "loaded": loaded, "ran": status()}))
+"""
+
+
+def test_a_100_mb_gguf_costs_about_its_size_in_memory(tmp_path):
+    hidden, ffn, layers = 1024, 4096, 12
+    shapes = {"token_embd.weight": (384, hidden), "output_norm.weight": (hidden,), "output.weight": (384, hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+                       f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (256, hidden),
+                       f"blk.{i}.attn_v.weight": (256, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, ffn)})
+    tensors = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}   # payload is random
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] += 1.0
+    path = tmp_path / "big.gguf"
+    write_gguf(path, "llama", {"block_count": layers, "context_length": 512, "embedding_length": hidden,
+                               "feed_forward_length": ffn, "attention.head_count": 16, "attention.head_count_kv": 4,
+                               "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0},
+               tensors, qtype=QType.Q4_K)
+    file_size, kv = os.path.getsize(path), 16 << 20
+    assert file_size > 90e6
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(kv)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    budget = (file_size + kv) * 1.15
+    grew_loading = figures["loaded"]["VmHWM"] - figures["before"]["VmRSS"]
+    grew_running = figures["ran"]["VmHWM"] - figures["before"]["VmRSS"]
+    assert grew_loading <= budget, (grew_loading, file_size)
+    assert grew_running <= budget, (grew_running, file_size)
+
+
+def test_wide_products_run_under_inference_mode_on_every_thread():
+    """The engine's steps run under inference mode; the kernel's worker threads must write its output too."""
+    import gguf
+    import torch
+
+    from textcomplete.quant import format_of, matmul, native_available
+    assert native_available()
+    fmt = format_of(int(QType.Q8_0))
+    raw = torch.from_numpy(gguf.quants.quantize(np.random.default_rng(0).standard_normal((2048, 256)).astype(
+        np.float32), QType.Q8_0))
+    x = torch.randn(16, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = matmul(x, raw, fmt, 256)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, matmul(x, raw, fmt, 256, native=False), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,104 @@
+"""Pure parts of the peer comparison: KV sizing, the build cache marker, model choice, memory and the report.
+
+Nothing here builds or runs llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from textcomplete.bench import bench_models, compare, llama_cpp_build, report
+from textcomplete.bench.loadgen import Summary
+from textcomplete.bench.workloads import ServerResults, WorkloadConfig
+
+SHAPE_17B = bench_models.SHAPES["smollm2-1.7b"]
+
+
+def test_kv_tokens_give_every_slot_its_longest_request_in_whole_blocks():
+    config = WorkloadConfig(prompt_tokens=128, output_tokens=128, prefill_tokens=512)
+    assert compare.kv_tokens(16, config) == 16 * 528          # 513 tokens rounded up to 33 blocks of 16
+    assert compare.kv_tokens(4, WorkloadConfig(prompt_tokens=600, output_tokens=100)) == 4 * 704
+
+
+def test_textcomplete_kv_memory_is_exactly_the_token_count_in_blocks():
+    tokens = compare.kv_tokens(16, WorkloadConfig())
+    memory = compare.textcomplete_kv_memory(SHAPE_17B, tokens)
+    per_block = 2 * 24 * 16 * 32 * 64 * 4                     # the engine's kv_bytes_per_block, float32
+    assert memory // per_block * 16 == tokens
+    assert compare.serve_itemsize(["--dtype", "bfloat16"]) == 2 and compare.serve_itemsize([]) == 4
+
+
+def test_llama_server_gets_the_same_capacity_shared_by_its_slots(tmp_path):
+    model = bench_models.BenchModel("m Q4_1", tmp_path / "m.gguf", SHAPE_17B, "Q4_1", False)
+    cmd = compare.llama_server_command(tmp_path / "llama-server", model, 8080, 16, 8448)
+    assert cmd[cmd.index("-np") + 1] == "16" and cmd[cmd.index("-c") + 1] == "8448"
+    assert cmd[cmd.index("-t") + 1] == str(compare.THREADS) and "--kv-unified" in cmd
+
+
+def test_build_marker_is_reused_only_for_the_same_version_and_flags(tmp_path):
+    assert llama_cpp_build.cached_binaries(tmp_path) is None
+    (tmp_path / "bin").mkdir()
+    for name in ("llama-server", "llama-quantize"):
+        (tmp_path / "bin" / name).write_text("")
+    marker = tmp_path / llama_cpp_build.MARKER
+    marker.write_text(json.dumps(llama_cpp_build.marker_content(llama_cpp_build.VERSION,
+                                                                llama_cpp_build.CMAKE_FLAGS)))
+    assert llama_cpp_build.cached_binaries(tmp_path).server == tmp_path / "bin" / "llama-server"
+    assert llama_cpp_build.cached_binaries(tmp_path, flags=("-DGGML_NATIVE=OFF",)) is None
+    assert llama_cpp_build.cached_binaries(tmp_path, version="0.0.1") is None
+    marker.write_text("not json")
+    assert llama_cpp_build.cached_binaries(tmp_path) is None
+
+
+def test_model_choice_parses_and_refuses_unknown_formats():
+    assert bench_models.parse_models("smollm2-135m, smollm2-1.7b:Q8_0,llama3-8b") == [
+        ("smollm2-135m", "Q4_1"), ("smollm2-1.7b", "Q8_0"), ("llama3-8b", "Q4_K_M")]
+    for bad in ("smollm2-135m:Q8_0", "smollm2-1.7b:Q3_K", "gpt5"):
+        with pytest.raises(ValueError):
+            bench_models.parse_models(bad)
+
+
+def test_shapes_have_the_real_parameter_counts():
+    assert round(SHAPE_17B.parameters() / 1e9, 2) == 1.71
+    assert round(bench_models.SHAPES["llama3-8b"].parameters() / 1e9, 2) == 8.03
+    assert bench_models.padded_tokens(["a", "b"], 4) == ["a", "b", "<pad_2>", "<pad_3>"]
+
+
+def test_weights_read_per_token_index_an_untied_embedding():
+    tensors = [("token_embd.weight", 1000, 100), ("blk.0.attn_q.weight", 50, 5), ("output.weight", 1000, 100)]
+    assert compare.weights_read_per_token(tensors, tied=False) == 10 + 50 + 1000
+    assert compare.weights_read_per_token(tensors[:2], tied=True) == 1050
+
+
+def test_proc_status_parsing():
+    text = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads:\t4\n"
+    assert compare.parse_status_kib(text) == {"VmHWM": 204800, "VmRSS": 102400}
+
+
+def _run(single: float, c16: float, rss_mib: int) -> compare.PeerRun:
+    def summary(name, conc, tok_s):
+        return Summary(name, conc, 4, 0, 1.0, int(tok_s), 0, 0.5, 0.6, 0.02, 0.03)
+    results = ServerResults("x", single=summary("single stream", 1, single), sweep=[summary("c", 16, c16)])
+    return compare.PeerRun(results, 2.0, rss_mib * 1024 // 2, rss_mib * 1024, 8448, [])
+
+
+def test_report_tables_show_ratios_and_targets():
+    ours, peer = report.Figures.of(_run(120, 400, 230)), report.Figures.of(_run(100, 500, 200))
+    table = "\n".join(report.figures_table(ours, peer))
+    assert "| single stream, output tokens/s | 120.0 tok/s | 100.0 tok/s | 1.20x |" in table
+    assert "| prefill, prompt tokens/s | — | — | —x |" in table
+    ratios = report.target_ratios(ours, peer)
+    assert math.isclose(ratios["rss_peak"], 1.15) and math.isclose(ratios["single"], 1.2)
+    rows = "\n".join(report.targets_table([("m Q4_1", ratios)]))
+    assert "1.15x met" in rows and "1.20x met" in rows
+    assert "**missed**" in "\n".join(report.targets_table([("m", {"rss_peak": 1.3, "single": float("nan")})]))
+
+
+def test_report_keeps_the_hand_written_tail(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    assert report.kept_tail(path) == []
+    path.write_text(f"# old\n\n{report.KEEP_MARKER}\n\n## History\n\nkept text\n")
+    assert report.kept_tail(path)[-1] == "## History\n\nkept text"

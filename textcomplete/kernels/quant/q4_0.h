@@ -1,0 +1,29 @@
+// Q4_0: 32 values per block: float16 d, then 16 bytes whose low nibbles are values 0-15 and high nibbles
+// values 16-31; value = (q - 8) * d.
+#pragma once
+
+#include "common.h"
+
+namespace tcq {
+
+struct Q4_0 {
+  static constexpr int64_t kType = 2, kBlock = 32, kBytes = 18, kValueBytes = 0;
+
+  static void decode(const uint8_t* b, float* y) {
+    const float d = half_at(b);
+    for (int j = 0; j < 16; ++j) {
+      y[j] = static_cast<float>((b[2 + j] & 15) - 8) * d;
+      y[j + 16] = static_cast<float>((b[2 + j] >> 4) - 8) * d;
+    }
+  }
+#ifdef TCQ_AVX512
+  static void decode(const uint8_t* b, __m512* v) {
+    const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8)), _mm512_set1_ps(half_at(b)));
+    const __m512i q = widen_u8(b + 2);
+    v[0] = lookup16(q, table);
+    v[1] = lookup16(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+};
+
+}  // namespace tcq

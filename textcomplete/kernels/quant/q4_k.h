@@ -1,0 +1,91 @@
+// Q4_K: super-blocks of 256 values in 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min.
+//
+// Layout: d, dmin (float16) | 12 bytes of packed scales and mins | 128 bytes of nibbles. Value l of
+// sub-block j is (d * scale_j) * q - dmin * min_j; bytes 32c..32c+31 hold sub-block 2c in their low nibbles
+// and sub-block 2c+1 in their high nibbles.
+#pragma once
+
+#include "common.h"
+
+namespace tcq {
+
+// Sub-block j's scale and min. Bytes 0-3 carry scales 0-3 in their low six bits, bytes 4-7 mins 0-3;
+// sub-blocks 4-7 take their low four bits from bytes 8-11 (scale: low nibble, min: high nibble) and their
+// top two bits from the spare top bits of bytes 0-3 (scales) and 4-7 (mins).
+inline void k_scale_min(const uint8_t* s, int j, int* scale, int* min) {
+  if (j < 4) {
+    *scale = s[j] & 63;
+    *min = s[j + 4] & 63;
+  } else {
+    *scale = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// The eight sub-blocks' multipliers d * scale_j and offsets dmin * min_j of the super-block at b.
+inline void k_factors(const uint8_t* b, float* mul, float* off) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  for (int j = 0; j < 8; ++j) {
+    int scale, min;
+    k_scale_min(b + 4, j, &scale, &min);
+    mul[j] = d * static_cast<float>(scale);
+    off[j] = dmin * static_cast<float>(min);
+  }
+}
+
+#ifdef TCQ_AVX512
+// k_factors for all eight sub-blocks at once: f[j] = d * scale_j, f[8 + j] = dmin * min_j.
+inline void k_factors(const uint8_t* b, float* f) {
+  const __m512i packed = widen_u8(b + 4);   // lanes 0-11: the 12 packed bytes (12-15 unused)
+  // Per lane: the byte with its low bits (scales 0-7, then mins 0-7) and the one lending its top two bits.
+  const __m512i low =
+      _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11), packed);
+  const __m512i top =
+      _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7), packed);
+  const __m512i bits = _mm512_and_si512(
+      _mm512_srlv_epi32(low, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4)),
+      _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+  const __m512i codes = _mm512_or_si512(bits, _mm512_maskz_slli_epi32(0xF0F0, _mm512_srli_epi32(top, 6), 4));
+  const __m512 d_dmin = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(b)))));
+  const __m512 factor =
+      _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), d_dmin);
+  _mm512_storeu_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(codes), factor));
+}
+#endif
+
+struct Q4_K {
+  static constexpr int64_t kType = 12, kBlock = 256, kBytes = 144, kValueBytes = 0;
+
+  static void decode(const uint8_t* b, float* y) {
+    float mul[8], off[8];
+    k_factors(b, mul, off);
+    const uint8_t* q = b + 16;
+    for (int c = 0; c < 4; ++c, q += 32, y += 64) {
+      for (int l = 0; l < 32; ++l) {
+        y[l] = mul[2 * c] * static_cast<float>(q[l] & 15) - off[2 * c];
+        y[l + 32] = mul[2 * c + 1] * static_cast<float>(q[l] >> 4) - off[2 * c + 1];
+      }
+    }
+  }
+#ifdef TCQ_AVX512
+  static void decode(const uint8_t* b, __m512* v) {
+    alignas(64) float f[16];
+    k_factors(b, f);
+    opaque(f);
+    const uint8_t* q = b + 16;
+    for (int c = 0; c < 4; ++c) {
+      // Each sub-block's 16 possible values, looked up by nibble.
+      const __m512 low = _mm512_sub_ps(_mm512_mul_ps(iota16(), _mm512_set1_ps(f[2 * c])), _mm512_set1_ps(f[8 + 2 * c]));
+      const __m512 high = _mm512_sub_ps(_mm512_mul_ps(iota16(), _mm512_set1_ps(f[2 * c + 1])),
+                                        _mm512_set1_ps(f[9 + 2 * c]));
+      const __m512i q0 = widen_u8(q + 32 * c), q1 = widen_u8(q + 32 * c + 16);
+      v[4 * c + 0] = lookup16(q0, low);
+      v[4 * c + 1] = lookup16(q1, low);
+      v[4 * c + 2] = lookup16(_mm512_srli_epi32(q0, 4), high);
+      v[4 * c + 3] = lookup16(_mm512_srli_epi32(q1, 4), high);
+    }
+  }
+#endif
+};
+
+}  // namespace tcq

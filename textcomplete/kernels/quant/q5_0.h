@@ -1,0 +1,35 @@
+// Q5_0: 32 values per block: float16 d, a 32-bit word whose bit i is value i's fifth bit, then 16 bytes of
+// nibbles (as Q4_0); value = (q - 16) * d.
+#pragma once
+
+#include "common.h"
+
+namespace tcq {
+
+struct Q5_0 {
+  static constexpr int64_t kType = 6, kBlock = 32, kBytes = 22, kValueBytes = 0;
+
+  static void decode(const uint8_t* b, float* y) {
+    const float d = half_at(b);
+    const uint32_t qh = load_u32(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (b[6 + j] & 15) | (((qh >> j) & 1) << 4);
+      const int hi = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      y[j] = static_cast<float>(lo - 16) * d;
+      y[j + 16] = static_cast<float>(hi - 16) * d;
+    }
+  }
+#ifdef TCQ_AVX512
+  static void decode(const uint8_t* b, __m512* v) {
+    const __m512 d = _mm512_set1_ps(half_at(b));
+    const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(16)), d);   // codes 0-15
+    const __m512 hi = _mm512_mul_ps(iota16(), d);                                      // codes 16-31
+    const __m512i qh = _mm512_set1_epi32(static_cast<int>(load_u32(b + 2)));   // bit i: value i's fifth bit
+    const __m512i q = widen_u8(b + 6);
+    v[0] = lookup32(five_bit_code(q, bit_to_fifth(qh, 0)), lo, hi);
+    v[1] = lookup32(five_bit_code(_mm512_srli_epi32(q, 4), bit_to_fifth(qh, 16)), lo, hi);
+  }
+#endif
+};
+
+}  // namespace tcq

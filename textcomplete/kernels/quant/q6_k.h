@@ -1,0 +1,61 @@
+// Q6_K: super-blocks of 256 six-bit values in 16 groups of 16, each with an int8 scale;
+// value = (d * scale_g) * (q - 32).
+//
+// Layout: ql (128 bytes, low four bits) | qh (64 bytes, high two bits) | 16 int8 scales | d (float16, last).
+// Each half of 128 values uses 64 bytes of ql and 32 of qh: value 32t + l (t < 4, l < 32) takes the low
+// nibble of ql[l] (t = 0) or ql[l + 32] (t = 1), the high nibble of the same bytes for t = 2, 3, and bits
+// 2t, 2t + 1 of qh[l].
+#pragma once
+
+#include "common.h"
+
+namespace tcq {
+
+struct Q6_K {
+  static constexpr int64_t kType = 14, kBlock = 256, kBytes = 210, kValueBytes = 0;
+
+  static void decode(const uint8_t* b, float* y) {
+    const float d = half_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    for (int h = 0; h < 2; ++h, y += 128) {
+      const uint8_t* ql = b + 64 * h;
+      const uint8_t* qh = b + 128 + 32 * h;
+      for (int t = 0; t < 4; ++t) {
+        const float scale_lo = d * static_cast<float>(scales[8 * h + 2 * t]);
+        const float scale_hi = d * static_cast<float>(scales[8 * h + 2 * t + 1]);
+        for (int l = 0; l < 32; ++l) {
+          const int nibble = t < 2 ? ql[l + 32 * t] & 15 : ql[l + 32 * (t - 2)] >> 4;
+          const int code = nibble | (((qh[l] >> (2 * t)) & 3) << 4);
+          y[32 * t + l] = (l < 16 ? scale_lo : scale_hi) * static_cast<float>(code - 32);
+        }
+      }
+    }
+  }
+#ifdef TCQ_AVX512
+  static void decode(const uint8_t* b, __m512* v) {
+    alignas(64) float scale[16];
+    _mm512_store_ps(scale, _mm512_mul_ps(widen_i8_ps(b + 192), _mm512_set1_ps(half_at(b + 208))));
+    opaque(scale);
+    const __m512i nibble = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
+    for (int h = 0; h < 2; ++h) {
+      // 64 codes at a time, one per byte: bytes 0-31 are t = 0 (or 2), bytes 32-63 t = 1 (or 3). The high
+      // bits move within 64-bit lanes; the bits that cross into a neighbouring byte are masked off.
+      alignas(64) int8_t codes[128];
+      const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+      const __m512i up01 = _mm512_and_si512(_mm512_sllv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2)), top);
+      const __m512i up23 = _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), top);
+      const __m512i lo = _mm512_ternarylogic_epi32(ql, up01, nibble, 0xE4);   // nibble bits from ql, rest from up
+      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), up23, nibble, 0xE4);
+      _mm512_store_si512(codes, _mm512_sub_epi8(lo, bias));
+      _mm512_store_si512(codes + 64, _mm512_sub_epi8(hi, bias));
+      opaque(codes);   // widened by loads from memory, not by shuffles out of registers
+      for (int i = 0; i < 8; ++i) {
+        v[8 * h + i] = _mm512_mul_ps(widen_i8_ps(codes + 16 * i), _mm512_set1_ps(scale[8 * h + i]));
+      }
+    }
+  }
+#endif
+};
+
+}  // namespace tcq

@@ -1,0 +1,25 @@
+// Q8_0: 32 values per block: float16 d, then 32 int8 quants; value = q * d.
+#pragma once
+
+#include "common.h"
+
+namespace tcq {
+
+struct Q8_0 {
+  static constexpr int64_t kType = 8, kBlock = 32, kBytes = 34, kValueBytes = 0;
+
+  static void decode(const uint8_t* b, float* y) {
+    const float d = half_at(b);
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int i = 0; i < kBlock; ++i) y[i] = static_cast<float>(q[i]) * d;
+  }
+#ifdef TCQ_AVX512
+  static void decode(const uint8_t* b, __m512* v) {
+    const __m512 d = _mm512_set1_ps(half_at(b));
+    v[0] = _mm512_mul_ps(widen_i8_ps(b + 2), d);
+    v[1] = _mm512_mul_ps(widen_i8_ps(b + 18), d);
+  }
+#endif
+};
+
+}  // namespace tcq
