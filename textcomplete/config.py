@@ -39,6 +39,10 @@ class EngineConfig:
         "help": "Weight-only quantization of the linear layers on the CPU: none (exact float weights), int8 "
                 "(per channel) or int4 (groups of 32); int8 and int4 decode faster and round activations "
                 "to bfloat16 in matmuls."})
+    stored_weights: bool = field(default=False, metadata={
+        "help": "Run a GGUF file's matrices from their stored block formats (Q4_K, Q8_0, ...: memory about the "
+                "file's size) instead of expanding them to float32. Off by default until the fused decode "
+                "layers read stored formats too; exact either way."})
     native_decode: bool = field(default=True, metadata={
         "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
                 "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "

@@ -55,7 +55,7 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                          ids=lambda q: q.name)
 def test_gguf_tensor_types_load_as_written(tiny_llama_256, tmp_path, qtype):
     expected = fused(write_llama_gguf(tiny_llama_256, tmp_path / "m.gguf", qtype))
-    model = load_model(str(tmp_path / "m.gguf")).model
+    model = load_model(str(tmp_path / "m.gguf"), stored=True).model
     stored = [m for m in model.modules() if isinstance(m, (StoredLinear, StoredEmbedding))]
     if qtype == QType.F32:
         assert not stored

@@ -45,15 +45,15 @@ def as_written(hf_dir: Path, gguf_path: Path, qtype: QType, directory: Path) -> 
 def test_stored_formats_match_transformers_on_their_values(tiny_llama_256, tmp_path, qtype):
     path = tmp_path / "m.gguf"
     reference = as_written(tiny_llama_256, path, qtype, tmp_path / "reference")
-    model = make_engine(path).loaded.model
+    model = make_engine(path, stored_weights=True).loaded.model
     assert any(isinstance(m, StoredLinear) for m in model.modules())
-    check_parity(path, reference, prompt_len=60, decode_steps=8)
+    check_parity(path, reference, prompt_len=60, decode_steps=8, stored_weights=True)
 
 
 def test_stored_weights_batch_invariance(tiny_llama_256, tmp_path):
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, QType.Q4_K)
-    engine = make_engine(path, 64)
+    engine = make_engine(path, 64, stored_weights=True)
     prompts = random_prompts(16, seed=3, high=70)
     params = [mixed_params(i) for i in range(16)]
     alone = [tokens_of(engine.generate([p], sp)[0]) for p, sp in zip(prompts, params)]
@@ -81,7 +81,8 @@ with torch.device("meta"):
     LlamaForCausalLM({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 8,
                       "intermediate_size": 64, "rms_norm_eps": 1e-5})
 before = status()
-engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_memory=int(sys.argv[2]), max_num_batched_tokens=64))
+engine = LLMEngine(EngineConfig(model=sys.argv[1], kv_cache_memory=int(sys.argv[2]), max_num_batched_tokens=64,
+                                stored_weights=True))
 loaded = status()
 engine.generate([list(range(2, 90))], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 print(json.dumps({"before": before, "loaded": loaded, "ran": status()}))

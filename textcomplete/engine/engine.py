@@ -45,7 +45,7 @@ class LLMEngine:
         self.config = config
         if loaded is None:
             device, dtype = resolve_device_and_dtype(config)
-            loaded = load_model(config.model, dtype, device)
+            loaded = load_model(config.model, dtype, device, stored=config.stored_weights)
         if config.quantization != "none":
             if loaded.device.type != "cpu":
                 raise ValueError("weight-only quantization runs on the CPU; use --quantization none on a GPU")

@@ -112,8 +112,12 @@ def _hub_files(repo_id: str) -> list[str]:
     return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load `name`; a file or directory that cannot be used gives a ModelFileError naming it and why."""
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               stored: bool = False) -> LoadedModel:
+    """Load `name`; a file or directory that cannot be used gives a ModelFileError naming it and why.
+
+    With `stored`, a GGUF file's matrices stay in their block formats (textcomplete.quant) instead of float32.
+    """
     path = resolve_source(name)
     device = torch.device(device)
     try:
@@ -121,7 +125,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.devi
         if gguf_path is not None:
             gguf = GGUFFile(gguf_path)
             config, tokenizer = gguf.hf_config(), _gguf_tokenizer(gguf)
-            tensors, total = gguf.tensors(), gguf.num_tensors
+            tensors, total = gguf.tensors(stored=stored), gguf.num_tensors
         else:
             config = _read_config(path / "config.json")
             tokenizer = Tokenizer.from_hf_dir(path, config)
