@@ -77,6 +77,11 @@ from textcomplete.models.llama import LlamaForCausalLM
 from textcomplete.quant import native_available
 native_available()
 torch.mm(torch.randn(256, 1024), torch.randn(1024, 256))
+import numpy as np, gguf
+from textcomplete.quant import format_of, matmul
+small = torch.from_numpy(gguf.quants.quantize(np.ones((512, 256), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0))
+for rows in (1, 64):   # both kernel paths once: their thread pool and per-thread scratch
+    matmul(torch.randn(rows, 256), small, format_of(int(gguf.GGMLQuantizationType.Q8_0)), 256)
 with torch.device("meta"):
     LlamaForCausalLM({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 8,
                       "intermediate_size": 64, "rms_norm_eps": 1e-5})
@@ -113,7 +118,9 @@ def test_a_100_mb_gguf_costs_about_its_size_in_memory(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    budget = (file_size + kv) * 1.15
+    # The bound, plus 32 MB for what a first run adds whatever the model (per-thread scratch, activations);
+    # float32 copies of this file would add about 700 MB.
+    budget = (file_size + kv) * 1.15 + (32 << 20)
     grew_loading = figures["loaded"]["VmHWM"] - figures["before"]["VmRSS"]
     grew_running = figures["ran"]["VmHWM"] - figures["before"]["VmRSS"]
     assert grew_loading <= budget, (grew_loading, file_size)
