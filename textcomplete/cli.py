@@ -34,7 +34,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def _show_default(name: str, value: object) -> str:
     if name == "kv_cache_memory":
-        return f"{value / (1 << 30):g}GiB"
+        return "a quarter of available memory" if value is None else f"{value / (1 << 30):g}GiB"
     return str(value)
 
 

@@ -35,22 +35,24 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={
         "help": "Weight and activation precision: float32, bfloat16, float16, or auto "
                 "(float32 on the CPU, bfloat16 on a GPU)."})
-    quantization: str = field(default="none", metadata={
-        "help": "Weight-only quantization of the linear layers on the CPU: none (exact float weights), int8 "
-                "(per channel) or int4 (groups of 32); int8 and int4 decode faster and round activations "
-                "to bfloat16 in matmuls."})
-    stored_weights: bool = field(default=False, metadata={
-        "help": "Run a GGUF file's matrices from their stored block formats (Q4_K, Q8_0, ...: memory about the "
-                "file's size) instead of expanding them to float32. Off by default until the fused decode "
-                "layers read stored formats too; exact either way."})
+    stored_weights: bool = field(default=True, metadata={
+        "help": "Run the checkpoint's matrices from the file as stored, through a memory map: a GGUF file's "
+                "block formats (Q4_K, Q8_0, ...), a safetensors file's bfloat16/float16; memory is about the "
+                "file's size. Activations stay float32, so results equal float32 on the stored values. "
+                "--no-stored-weights expands them to --dtype in memory instead."})
     native_decode: bool = field(default=True, metadata={
         "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
                 "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "
                 "or a failed build, uses PyTorch operators."})
     device: str = field(default="auto", metadata={
         "help": "cpu, cuda, or auto (the GPU when torch has one)."})
-    kv_cache_memory: int = field(default=2 << 30, metadata={
-        "help": "Memory for the KV cache, e.g. 2GiB. Requests beyond it wait or are preempted."})
+    kv_cache_memory: int | None = field(default=None, metadata={
+        "help": "Memory for the KV cache, e.g. 2GiB; default: a quarter of the memory available when the engine "
+                "starts (MemAvailable), resident only as requests fill it. Requests beyond it wait or are "
+                "preempted."})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "Element type of the KV cache: auto (the model's dtype), float32, bfloat16 or float16; the "
+                "16-bit types halve its memory and round keys and values as they are stored."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV cache block."})
     max_num_batched_tokens: int = field(default=512, metadata={
         "help": "Token budget of one engine step; long prompts are prefilled in chunks of at most this."})
@@ -68,12 +70,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"quantization must be none, int8 or int4, not {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, not {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         for name in ("kv_cache_memory", "block_size", "max_num_batched_tokens", "max_num_seqs"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")

@@ -27,7 +27,6 @@ from tests.tiny_models import save_tiny_model, tiny_config_kwargs
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.errors import ModelFileError
 from textcomplete.models.moe import Gate, SparseMoeBlock
-from textcomplete.models.quant import Int4Linear
 from textcomplete.models.registry import architecture_of, model_class
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -277,15 +276,6 @@ def test_moe_models_take_the_pytorch_path(moe_dir, kernels):  # noqa: F811
         model = make_engine(moe_dir(family)).loaded.model
         model.use_native_decode(kernels)
         assert model.native_decode is None, family
-
-
-def test_int4_reaches_the_experts_and_spares_the_gates(moe_dir):
-    engine = make_engine(moe_dir("qwen2_moe"), quantization="int4")
-    block = engine.loaded.model.model.layers[1].mlp
-    assert all(isinstance(e.gate_up_proj, Int4Linear) and isinstance(e.down_proj, Int4Linear) for e in block.experts)
-    assert type(block.gate.weight) is torch.nn.Parameter and isinstance(block.shared_expert_gate, Gate)
-    [outs] = engine.generate([random_ids(30, 5)], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    assert len(tokens_of(outs)) == 8
 
 
 def test_moe_batch_invariance(moe_dir):

@@ -165,11 +165,10 @@ def test_generated_logprobs_are_the_models_distribution(tiny_model_dir):
         assert abs(gen.logprob - score.logprob) < 1e-4
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_bfloat16_with_quantized_weights_runs_a_biased_model(tiny_model_dir, quantization):
-    """Weights, biases and activations share the model's dtype, whichever kernel a step takes."""
-    engine = tiny_engine(tiny_model_dir, "qwen2", dtype="bfloat16", quantization=quantization)
-    long_prompt = random_prompts(1, seed=4, low=60, high=60)[0]   # wider than the quantized kernels' rows
+def test_bfloat16_runs_a_biased_model(tiny_model_dir):
+    """Weights, biases and activations share the model's dtype, in narrow and wide steps alike."""
+    engine = tiny_engine(tiny_model_dir, "qwen2", dtype="bfloat16")
+    long_prompt = random_prompts(1, seed=4, low=60, high=60)[0]
     outputs = engine.generate([[5, 6, 7], long_prompt], SamplingParams(max_tokens=6, temperature=0.0,
                                                                        ignore_eos=True))
     assert [len(tokens_of(o)) for o in outputs] == [6, 6]

@@ -3,6 +3,7 @@ size in memory (read from /proc, so a regression to float32 copies fails)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QType
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.arch_parity import check_parity, make_engine
+from tests.engine.test_native_decode import native_calls  # noqa: F401 - a fixture
 from tests.engine.test_batching import mixed_params, random_prompts, tokens_of
 from tests.tiny_gguf import write_gguf, write_llama_gguf
 from tests.tiny_models import make_tiny_model
@@ -45,15 +48,51 @@ def as_written(hf_dir: Path, gguf_path: Path, qtype: QType, directory: Path) -> 
 def test_stored_formats_match_transformers_on_their_values(tiny_llama_256, tmp_path, qtype):
     path = tmp_path / "m.gguf"
     reference = as_written(tiny_llama_256, path, qtype, tmp_path / "reference")
-    model = make_engine(path, stored_weights=True).loaded.model
+    model = make_engine(path).loaded.model
     assert any(isinstance(m, StoredLinear) for m in model.modules())
-    check_parity(path, reference, prompt_len=60, decode_steps=8, stored_weights=True)
+    check_parity(path, reference, prompt_len=60, decode_steps=8)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q8_0, QType.BF16], ids=lambda q: q.name)
+def test_native_decode_on_stored_weights_matches_pytorch_layers(tiny_llama_256, tmp_path, native_calls, qtype):
+    """The fused decode layers read the stored formats with the same kernels as the PyTorch layers."""
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(tiny_llama_256, path, qtype)
+    native, plain = make_engine(path, 64), make_engine(path, 64, native_decode=False)
+    assert native.loaded.model.native_decode is not None and plain.loaded.model.native_decode is None
+    prompts = random_prompts(6, seed=5, low=1, high=70)
+    params = [dataclasses.replace(mixed_params(i), logprobs=3) for i in range(6)]
+    outs_n, outs_p = native.generate(prompts, params), plain.generate(prompts, params)
+    assert native_calls and max(native_calls) > 1, "batched decode steps never reached the native layers"
+    assert [tokens_of(o) for o in outs_n] == [tokens_of(o) for o in outs_p]
+    for a, b in zip(outs_n, outs_p):
+        got = torch.tensor([[e.logprob, *(lp for _, lp in e.top)] for o in a for e in o.logprobs])
+        want = torch.tensor([[e.logprob, *(lp for _, lp in e.top)] for o in b for e in o.logprobs])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=2e-5)   # float32 rounding of logprobs near -16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_safetensors_matrices_run_in_their_stored_dtype(tiny_llama_256, tmp_path, dtype):
+    """A bfloat16/float16 checkpoint's matrices are views of its file, exact against transformers on its values
+    in float32; --no-stored-weights expands them to float32 instead."""
+    checkpoint, reference = tmp_path / "checkpoint", tmp_path / "reference"
+    for directory, kind in ((checkpoint, dtype), (reference, torch.float32)):
+        shutil.copytree(tiny_llama_256, directory)
+        state = load_file(str(directory / "model.safetensors"))
+        save_file({k: v.to(dtype).to(kind).contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    model = make_engine(checkpoint).loaded.model
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, StoredLinear))]
+    assert linears and all(isinstance(m, StoredLinear) for m in linears), "a matrix was copied to float32"
+    assert {m.stored.fmt.name for m in linears} == {"BF16" if dtype == torch.bfloat16 else "F16"}
+    check_parity(checkpoint, reference, prompt_len=60, decode_steps=8)
+    expanded = make_engine(checkpoint, stored_weights=False).loaded.model
+    assert not any(isinstance(m, StoredLinear) for m in expanded.modules())
 
 
 def test_stored_weights_batch_invariance(tiny_llama_256, tmp_path):
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, QType.Q4_K)
-    engine = make_engine(path, 64, stored_weights=True)
+    engine = make_engine(path, 64)
     prompts = random_prompts(16, seed=3, high=70)
     params = [mixed_params(i) for i in range(16)]
     alone = [tokens_of(engine.generate([p], sp)[0]) for p, sp in zip(prompts, params)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,6 @@ from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
 from textcomplete.kernels import decode_layers
 from textcomplete.models.loader import LoadedModel, load_model
-from textcomplete.models.quant import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,22 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     return device, _DTYPES[config.dtype]
 
 
+KV_SHARE_OF_AVAILABLE = 0.25   # the default KV budget: this share of the memory available at start
+_MIN_DEFAULT_KV = 64 << 20
+
+
+def default_kv_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """A quarter of the memory the system reports available (MemAvailable, which counts reclaimable page
+    cache: a mapped model file's pages among them), at least 64 MiB; 2 GiB where it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return max(_MIN_DEFAULT_KV, int(int(line.split()[1]) * 1024 * KV_SHARE_OF_AVAILABLE))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2 << 30
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         if config.threads:
@@ -46,28 +62,25 @@ class LLMEngine:
         if loaded is None:
             device, dtype = resolve_device_and_dtype(config)
             loaded = load_model(config.model, dtype, device, stored=config.stored_weights)
-        if config.quantization != "none":
-            if loaded.device.type != "cpu":
-                raise ValueError("weight-only quantization runs on the CPU; use --quantization none on a GPU")
-            replaced = quantize_linears(loaded.model, config.quantization)
-            log.info("quantized %d linear layers to %s", replaced, config.quantization)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         spec = loaded.spec
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if hasattr(loaded.model, "set_context_length"):   # rope scalings that depend on the served context
             loaded.model.set_context_length(self.max_model_len)
-        num_blocks = config.kv_cache_memory // kv_bytes_per_block(spec, config.block_size, loaded.dtype)
+        kv_memory = config.kv_cache_memory or default_kv_memory()
+        kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
+        num_blocks = kv_memory // kv_bytes_per_block(spec, config.block_size, kv_dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, loaded.dtype,
+        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, kv_dtype,
                                   loaded.device, config.seed)
         if hasattr(loaded.model, "use_native_decode"):
             native = config.native_decode and loaded.device.type == "cpu" and loaded.dtype == torch.float32
             loaded.model.use_native_decode(decode_layers() if native else None)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
-        self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, loaded.device, config)
+        self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, kv_dtype, loaded.device, config)
         log.info("KV cache: %d blocks of %d tokens (%d tokens); context %d", num_blocks, config.block_size,
                  num_blocks * config.block_size, self.max_model_len)
 

@@ -7,8 +7,10 @@ kv_heads, head_dim] tensor per layer (key and value of a slot side by side), slo
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from textcomplete.engine.outputs import TokenLogprob
@@ -35,14 +37,23 @@ def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> 
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
 
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU its pages come from the system already zero (calloc of a large size maps
+    them) and become resident only when first written: a cache costs memory as requests fill it."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(count, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, seed: int) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, seed: int) -> None:
         self.model, self.spec, self.block_size, self.device = model, spec, block_size, device
         self.sampler = Sampler(seed)
         shape = (num_blocks, block_size, 2, spec.num_kv_heads, spec.head_dim)
         for attn in (m for m in model.modules() if isinstance(m, PagedAttention)):
-            attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.kv_cache = _zeroed(shape, kv_dtype, device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[ChunkResult]:

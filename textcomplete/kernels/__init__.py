@@ -98,16 +98,26 @@ def decode_layers() -> ModuleType | None:
         return _built["decode"]
 
 
+def decode_build_directory() -> Path:
+    """Where the decode module is built and cached (for this source, its headers and these flags)."""
+    return build_directory("textcomplete_decode", _SOURCE, _headers(), openmp=True)
+
+
 def _build_decode() -> ModuleType | None:
     if platform.system() != "Linux":
         log.info("native decode kernels are built on Linux only; using PyTorch operators")
         return None
     try:
-        return build_extension("textcomplete_decode", _SOURCE)
+        return build_extension("textcomplete_decode", _SOURCE, _headers(), openmp=True)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
         log.warning("could not build the native decode kernels (%s); decode steps use PyTorch operators",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
         return None
+
+
+def _headers() -> tuple[Path, ...]:
+    """The headers both modules include: the block formats and their products (a change rebuilds both)."""
+    return tuple(sorted((_SOURCE.parent / "quant").glob("*.h")))
 
 
 def quant_matmul() -> ModuleType | None:
@@ -123,10 +133,9 @@ def _build_quant_matmul() -> ModuleType | None:
     if platform.system() != "Linux":
         log.info("native block-format kernels are built on Linux only; using PyTorch operators")
         return None
-    source = Path(__file__).with_name("quant_matmul.cpp")
-    headers = tuple(sorted((source.parent / "quant").glob("*.h")))
     try:
-        return build_extension("textcomplete_quant_matmul", source, headers, openmp=True)
+        return build_extension("textcomplete_quant_matmul", Path(__file__).with_name("quant_matmul.cpp"), _headers(),
+                               openmp=True)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
         log.warning("could not build the native block-format kernels (%s); GGUF weights are decoded with PyTorch",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)

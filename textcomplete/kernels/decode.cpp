@@ -4,54 +4,66 @@
 // microseconds each and everything between them (norms, rotary embedding, cache writes, attention over a
 // few hundred keys, SwiGLU, residual adds) is tiny, so issuing those as separate PyTorch operators from
 // Python costs more than computing them. Here they are plain loops over float32; the matmuls are the same
-// ATen kernels the PyTorch path calls (float32, or the weight-only int8/int4 kernels with bfloat16
-// activations), so both paths compute the same thing up to float rounding.
+// kernels the PyTorch path calls (ATen's float32 matmul, or the block-format products of quant/matmul.h on
+// weights as the file stores them), so both paths compute the same thing up to float rounding.
 //
-// Layout contract (see textcomplete/kernels/__init__.py, which packs the arguments):
+// Layout contract (see textcomplete/models/llama.py, NativeDecode, which packs the arguments):
 //   x            [n, hidden] float32 hidden states, one row per request
 //   cos, sin     [n, rotary_dim] float32 (sin with its first half negated: rotate-half as a swap)
 //   slot_mapping [n] int64: the cache slot each request's new key/value goes to
 //   key_slots    [n, width] int64: the cache slots of each request's keys, in position order
 //   key_lens     [n] int64: how many of a row's key slots are real (the rest is padding)
 //   windows      per layer: 0, or the sliding window (a query sees only the last `window` keys, itself included)
-//   caches       one [num_slots, 2, kv_heads, head_dim] float32 tensor per layer (key and value side by side)
-//   layers       per layer: ln1, ln2, q_norm, k_norm, then for qkv, o, gate_up, down:
-//                float weight, quantized weight, scales, bias (empty tensors where absent)
+//   caches       one [num_slots, 2, kv_heads, head_dim] tensor per layer (key and value side by side): float32,
+//                bfloat16 or float16 (keys and values are rounded to it as they are written)
+//   layers       per layer: ln1, ln2, q_norm, k_norm (empty where absent), then the parts of the qkv, o,
+//                gate_up and down projections, four tensors a part: float32 weight [out, in] or empty, stored
+//                bytes uint8 [out, row_bytes] or empty, row order int64 [out] or empty, bias or empty.
+//                A projection's output is its parts' outputs side by side.
+//   layouts      per layer: the part counts of qkv, o, gate_up, down, then each part's GGML type (-1: float)
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "quant/matmul.h"
 
 #include <cmath>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kInt4Group = 32;
+constexpr int kProjections = 4;   // qkv, o, gate_up, down
 
-struct Linear {
-  at::Tensor weight, qweight, scales, bias;
+// One matrix of a projection: a float32 weight, or a stored one read by its format's kernel.
+struct Part {
+  at::Tensor weight, raw, row_order, bias;
+  int64_t type;
 };
 
+using Projection = std::vector<Part>;
+
 struct Shape {
-  int64_t heads, kv_heads, head_dim, rotary_dim, float_rows;
+  int64_t heads, kv_heads, head_dim, rotary_dim, direct_rows;
   double eps;
   bool qk_norm;
 };
 
-// y = x @ W.T (+ b). A layer with a quantized weight (int8: int8 values; int4: the packed layout) uses its
-// kernel for narrow batches and its float32 weight for wide ones, exactly as textcomplete.models.quant does.
-at::Tensor linear(const at::Tensor& x, const Linear& l, const Shape& s) {
+at::Tensor part_product(const at::Tensor& x, const Part& p, const Shape& s) {
   at::Tensor y;
-  if (l.qweight.numel() > 0 && x.size(0) <= s.float_rows) {
-    at::Tensor xb = x.to(at::kBFloat16);
-    y = l.qweight.scalar_type() == at::kChar ? at::_weight_int8pack_mm(xb, l.qweight, l.scales)
-                                             : at::_weight_int4pack_mm_for_cpu(xb, l.qweight, kInt4Group, l.scales);
-    y = y.to(at::kFloat);
+  if (p.raw.numel() > 0) {
+    y = tcq::matmul(x, p.raw, p.type, x.size(1), s.direct_rows, false);
+    if (p.row_order.numel() > 0) y = y.index_select(1, p.row_order);
   } else {
-    y = at::linear(x, l.weight);
+    y = at::linear(x, p.weight);
   }
-  if (l.bias.numel() > 0) y.add_(l.bias);
+  if (p.bias.numel() > 0) y.add_(p.bias);
   return y;
+}
+
+// y = x @ W.T (+ b), W the parts of the projection one above the other.
+at::Tensor linear(const at::Tensor& x, const Projection& parts, const Shape& s) {
+  if (parts.size() == 1) return part_product(x, parts[0], s);
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(parts.size());
+  for (const Part& p : parts) outputs.push_back(part_product(x, p, s));
+  return at::cat(outputs, 1);
 }
 
 // out[i] = x[i] * rsqrt(mean(x^2) + eps) * w, over rows of length dim.
@@ -79,17 +91,19 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   }
 }
 
-// One request's attention for one query head over its keys in the cache.
-void attend(const float* q, const float* cache, const int64_t* slots, int64_t num_keys, int64_t kv_head,
+// One request's attention for one query head over its keys in the cache (elements of type T: float, or a
+// narrower cache's c10::BFloat16 / c10::Half, widened to float as they are read).
+template <class T>
+void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_keys, int64_t kv_head,
             int64_t kv_heads, int64_t dim, float scale, float* scores, float* out) {
   const int64_t slot_stride = 2 * kv_heads * dim;
   const int64_t value_offset = kv_heads * dim;
   float max_score = -INFINITY;
   for (int64_t j = 0; j < num_keys; ++j) {
-    const float* k = cache + slots[j] * slot_stride + kv_head * dim;
+    const T* k = cache + slots[j] * slot_stride + kv_head * dim;
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+    for (int64_t d = 0; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
     scores[j] = dot * scale;
     max_score = std::max(max_score, scores[j]);
   }
@@ -101,19 +115,40 @@ void attend(const float* q, const float* cache, const int64_t* slots, int64_t nu
   for (int64_t d = 0; d < dim; ++d) out[d] = 0.f;
   for (int64_t j = 0; j < num_keys; ++j) {
     const float p = scores[j] / total;
-    const float* v = cache + slots[j] * slot_stride + value_offset + kv_head * dim;
+    const T* v = cache + slots[j] * slot_stride + value_offset + kv_head * dim;
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] += p * v[d];
+    for (int64_t d = 0; d < dim; ++d) out[d] += p * static_cast<float>(v[d]);
   }
 }
 
-at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cache, const at::Tensor& cos,
-                 const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& key_slots,
-                 const at::Tensor& key_lens, int64_t window, const Shape& s) {
+// Calls fn(T{}) with the element type of a cache tensor.
+template <class Fn>
+void with_cache_type(const at::Tensor& cache, Fn&& fn) {
+  switch (cache.scalar_type()) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "caches: float32, bfloat16 or float16, not ", cache.scalar_type());
+  }
+}
+
+// A layer's projections from its packed tensors and layout (checked in decode_layers).
+std::vector<Projection> projections(const std::vector<at::Tensor>& w, const std::vector<int64_t>& layout) {
+  std::vector<Projection> out(kProjections);
+  size_t tensor = 4, type = kProjections;
+  for (int p = 0; p < kProjections; ++p) {
+    for (int64_t i = 0; i < layout[p]; ++i, tensor += 4, ++type)
+      out[p].push_back(Part{w[tensor], w[tensor + 1], w[tensor + 2], w[tensor + 3], layout[type]});
+  }
+  return out;
+}
+
+at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vector<Projection>& proj,
+                 at::Tensor& cache, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
+                 const at::Tensor& key_slots, const at::Tensor& key_lens, int64_t window, const Shape& s) {
   const int64_t n = x.size(0), hidden = x.size(1);
   const int64_t H = s.heads, KV = s.kv_heads, D = s.head_dim, group = H / KV;
-  const Linear qkv_l{w[4], w[5], w[6], w[7]}, o_l{w[8], w[9], w[10], w[11]};
-  const Linear gate_up_l{w[12], w[13], w[14], w[15]}, down_l{w[16], w[17], w[18], w[19]};
+  const Projection &qkv_l = proj[0], &o_l = proj[1], &gate_up_l = proj[2], &down_l = proj[3];
 
   // Attention block.
   at::Tensor h = at::empty_like(x);
@@ -124,7 +159,6 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
   float* qkv_p = qkv.data_ptr<float>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
-  float* cache_p = cache.data_ptr<float>();
   const int64_t* slot_p = slot_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     float* r = qkv_p + i * row;
@@ -134,8 +168,6 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
     }
     for (int64_t head = 0; head < H + KV; ++head)
       rotate(r + head * D, cos_p + i * s.rotary_dim, sin_p + i * s.rotary_dim, s.rotary_dim);
-    float* slot = cache_p + slot_p[i] * 2 * KV * D;
-    std::copy(r + H * D, r + (H + 2 * KV) * D, slot);           // key, then value: the cache's layout
   }
 
   at::Tensor attn = at::empty({n, H * D}, x.options());
@@ -146,14 +178,23 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
   float* attn_p = attn.data_ptr<float>();
   const int64_t work = n * H;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * D));
-  at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(width);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / H, head = t % H;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
-      attend(qkv_p + i * row + head * D, cache_p, keys_p + i * width + first, lens_p[i] - first, head / group, KV,
-             D, scale, scores.data(), attn_p + i * H * D + head * D);
+  with_cache_type(cache, [&](auto zero) {
+    using T = decltype(zero);
+    T* cache_p = static_cast<T*>(cache.data_ptr());
+    for (int64_t i = 0; i < n; ++i) {   // key, then value: the cache's layout (rounded to T)
+      const float* kv = qkv_p + i * row + H * D;
+      T* slot = cache_p + slot_p[i] * 2 * KV * D;
+      for (int64_t d = 0; d < 2 * KV * D; ++d) slot[d] = static_cast<T>(kv[d]);
     }
+    at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(width);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / H, head = t % H;
+        const int64_t first = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
+        attend<T>(qkv_p + i * row + head * D, cache_p, keys_p + i * width + first, lens_p[i] - first, head / group,
+                  KV, D, scale, scores.data(), attn_p + i * H * D + head * D);
+      }
+    });
   });
   x = x + linear(attn, o_l, s);
 
@@ -177,9 +218,10 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, at::Tensor& cac
 
 // Runs every decoder layer for one decode step; returns the last layer's hidden states [n, hidden].
 at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>>& layers,
-                         std::vector<at::Tensor> caches, std::vector<int64_t> windows, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
+                         const std::vector<std::vector<int64_t>>& layouts, std::vector<at::Tensor> caches,
+                         std::vector<int64_t> windows, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
                          at::Tensor key_slots, at::Tensor key_lens, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t float_rows) {
+                         int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t direct_rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [n, hidden]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == rotary_dim,
               "cos/sin: contiguous [n, rotary_dim]");
@@ -189,10 +231,11 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
               "key_slots: contiguous int64 [n, width]");
   TORCH_CHECK(key_lens.scalar_type() == at::kLong && key_lens.is_contiguous() && key_lens.numel() == x.size(0),
               "key_lens: contiguous int64 [n]");
-  TORCH_CHECK(layers.size() == caches.size() && layers.size() == windows.size(), "one cache and window per layer");
+  TORCH_CHECK(layers.size() == caches.size() && layers.size() == windows.size() && layers.size() == layouts.size(),
+              "one layout, cache and window per layer");
   TORCH_CHECK(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0 && rotary_dim % 2 == 0 &&
               rotary_dim <= head_dim, "head shapes");
-  const Shape s{heads, kv_heads, head_dim, rotary_dim, float_rows, eps, qk_norm};
+  const Shape s{heads, kv_heads, head_dim, rotary_dim, direct_rows, eps, qk_norm};
   // Every cache slot the loops touch must lie inside every layer's cache: checked once per step, here.
   const int64_t n = x.size(0), width = key_slots.dim() == 2 ? key_slots.size(1) : -1;
   TORCH_CHECK(width >= 1 || n == 0, "key_slots: [n, width] with width >= 1");
@@ -212,17 +255,41 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
     }
   }
   at::NoGradGuard no_grad;
+  std::vector<std::vector<Projection>> projs;
   for (size_t l = 0; l < layers.size(); ++l) {
-    TORCH_CHECK(layers[l].size() == 20, "20 tensors per layer");
-    TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == at::kFloat &&
-                caches[l].numel() == num_slots * slot_values, "caches: contiguous float32 [num_slots, 2, kv_heads, head_dim]");
+    const std::vector<int64_t>& layout = layouts[l];
+    TORCH_CHECK(layout.size() >= kProjections, "layouts[", l, "]: part counts of the four projections first");
+    int64_t parts = 0;
+    for (int p = 0; p < kProjections; ++p) {
+      TORCH_CHECK(layout[p] >= 1, "layouts[", l, "]: every projection has a part");
+      parts += layout[p];
+    }
+    TORCH_CHECK(static_cast<int64_t>(layout.size()) == kProjections + parts &&
+                static_cast<int64_t>(layers[l].size()) == 4 + 4 * parts,
+                "layer ", l, ": 4 norms and 4 tensors for each of its ", parts, " parts, and a type per part");
+    projs.push_back(projections(layers[l], layout));
+    for (const Projection& proj : projs.back()) {
+      for (const Part& p : proj) {
+        const bool stored = p.raw.numel() > 0;
+        TORCH_CHECK(stored ? p.weight.numel() == 0 && p.type >= 0 : p.weight.scalar_type() == at::kFloat && p.type == -1,
+                    "layer ", l, ": a part is a float32 weight or stored bytes with their GGML type");
+        TORCH_CHECK(p.row_order.numel() == 0 || (stored && p.row_order.scalar_type() == at::kLong &&
+                                                  p.row_order.numel() == p.raw.size(0)),
+                    "layer ", l, ": a row order is int64, one entry per stored row");
+      }
+    }
+  }
+  for (size_t l = 0; l < layers.size(); ++l) {
+    TORCH_CHECK(caches[l].is_contiguous() && caches[l].scalar_type() == caches[0].scalar_type() &&
+                caches[l].numel() == num_slots * slot_values,
+                "caches: contiguous [num_slots, 2, kv_heads, head_dim], one dtype for all layers");
     TORCH_CHECK(layers[l][0].numel() == x.size(1) && layers[l][1].numel() == x.size(1), "norm weights: [hidden]");
     TORCH_CHECK(windows[l] >= 0, "windows[", l, "] = ", windows[l]);
-    x = layer(x, layers[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, windows[l], s);
+    x = layer(x, layers[l], projs[l], caches[l], cos, sin, slot_mapping, key_slots, key_lens, windows[l], s);
   }
   return x;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32)");
+  m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32 activations)");
 }

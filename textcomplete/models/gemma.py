@@ -210,6 +210,14 @@ class GemmaForCausalLM(nn.Module):
         for norm in (m for m in self.modules() if isinstance(m, GemmaRMSNorm)):
             norm.fuse()
 
+    @staticmethod
+    def keeps_stored(gguf_name: str) -> bool:
+        return True   # every matrix runs from its stored format (only the 1-D norms change on loading)
+
+    @staticmethod
+    def keeps_stored_checkpoint(name: str) -> bool:
+        return True
+
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "model.embed_tokens.weight"}
 

@@ -125,6 +125,10 @@ class GPT2LMHeadModel(nn.Module):
     def keeps_stored(gguf_name: str) -> bool:
         return False   # its GGUF matrices are transposed on loading, which needs their values
 
+    @staticmethod
+    def keeps_stored_checkpoint(name: str) -> bool:
+        return False   # as in GGUF files, its Conv1D matrices are transposed on loading
+
     @classmethod
     def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
                           cfg: dict) -> list[tuple[str, torch.Tensor]] | None:

@@ -272,7 +272,8 @@ class PagedAttention(nn.Module):
     """Scaled dot-product attention whose keys and values live in the paged KV cache.
 
     The model runner assigns `kv_cache` ([num_blocks, block_size, 2, num_kv_heads, head_dim]: a slot's key
-    and value side by side, so one gather fetches both) before use. Options of the families that need them:
+    and value side by side, so one gather fetches both; in the model's dtype or a narrower one, rounded on
+    writing) before use. Options of the families that need them:
     `sliding_window` (a query sees only the last that many positions, itself included), `scale` (instead of
     1/sqrt(head_dim)) and `softcap` (scores pass through softcap * tanh(score / softcap) before the softmax).
     """
@@ -289,15 +290,16 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
         slots = self.kv_cache.view(-1, 2, self.num_kv_heads, self.head_dim)   # [num_slots, 2, kv_heads, dim]
-        slots[:, 0].index_copy_(0, meta.slot_mapping, k)
-        slots[:, 1].index_copy_(0, meta.slot_mapping, v)
+        slots[:, 0].index_copy_(0, meta.slot_mapping, k.to(slots.dtype))   # the cache may be narrower
+        slots[:, 1].index_copy_(0, meta.slot_mapping, v.to(slots.dtype))
         n = meta.num_decode_tokens
         decoded = None
         if n:
             key_slots, mask = meta.decode_key_slots, meta.decode_key_mask
             if self.sliding_window:
                 key_slots, mask = meta.windowed_decode_keys(self.sliding_window)
-            kv = slots.index_select(0, key_slots.view(-1)).view(n, -1, 2, self.num_kv_heads, self.head_dim)
+            kv = slots.index_select(0, key_slots.view(-1)).to(q.dtype)
+            kv = kv.view(n, -1, 2, self.num_kv_heads, self.head_dim)
             decoded = self._attend(q[:n].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
                                    mask, causal=False).squeeze(2)   # [n, heads, dim]
             if not meta.prefills:
@@ -309,7 +311,7 @@ class PagedAttention(nn.Module):
             first_key, mask = span.windowed(self.sliding_window) if self.sliding_window else (0, span.mask)
             first_block, skip = divmod(first_key, self.kv_cache.shape[1])
             kv = self.kv_cache[span.block_table[first_block:]].view(-1, 2, self.num_kv_heads, self.head_dim)
-            kv = kv[skip:skip + span.num_keys - first_key]
+            kv = kv[skip:skip + span.num_keys - first_key].to(q.dtype)
             keys, values = kv[:, 0].transpose(0, 1).unsqueeze(0), kv[:, 1].transpose(0, 1).unsqueeze(0)
             queries = q[span.q_start:span.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, dim]
             o = self._attend(queries, keys, values, mask, causal=mask is None)

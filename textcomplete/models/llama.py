@@ -11,9 +11,9 @@ from torch import nn
 
 from textcomplete.models import gguf_file
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, rope_kind
-from textcomplete.models.quant import FLOAT_ROWS
 from textcomplete.models.spec import ModelSpec
-from textcomplete.quant.linear import ConcatLinear
+from textcomplete import quant
+from textcomplete.quant.linear import ConcatLinear, StoredLinear
 
 
 # GGUF tensor-name parts (as llama.cpp's converter writes them) -> Hugging Face parameter-name parts.
@@ -237,6 +237,11 @@ class LlamaForCausalLM(nn.Module):
         # Routed experts are restacked on loading (textcomplete.models.moe), which needs their values.
         return "_exps" not in gguf_name
 
+    @staticmethod
+    def keeps_stored_checkpoint(name: str) -> bool:
+        """Whether this Hugging Face checkpoint matrix runs as stored (bfloat16/float16), else it is converted."""
+        return "experts" not in name   # routed experts are restacked on loading, as for GGUF
+
     @classmethod
     def tensors_from_gguf(cls, name: str, tensor: torch.Tensor,
                           cfg: dict) -> list[tuple[str, torch.Tensor]] | None:
@@ -260,7 +265,7 @@ class LlamaForCausalLM(nn.Module):
         """Run decode-only steps through the fused native layers of `kernels` (None: PyTorch operators only)."""
         dense = all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
                     and type(layer.mlp) is LlamaMLP and all(
-                        type(m) is nn.Linear or hasattr(m, "kernel_tensors")   # float, or int8/int4
+                        NativeDecode.parts(m) is not None
                         for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                   layer.mlp.down_proj))
                     for layer in self.model.layers)
@@ -296,20 +301,42 @@ class NativeDecode:
         self.eps = first.input_layernorm.eps
         self.qk_norm = model.qk_norm
         self.layers = model.model.layers
-        self.weights = [self._pack(layer) for layer in self.layers]
+        packed = [self._pack(layer) for layer in self.layers]
+        self.weights = [tensors for tensors, _ in packed]
+        self.layouts = [layout for _, layout in packed]
         self.windows = [layer.self_attn.attn.sliding_window or 0 for layer in self.layers]
         self.caches: list[torch.Tensor] | None = None
 
-    def _pack(self, layer: LlamaDecoderLayer) -> list[torch.Tensor]:
+    @staticmethod
+    def parts(linear: nn.Module) -> list[nn.Module] | None:
+        """The matrices of a projection the native layers can run (float32 nn.Linear or stored weights in a
+        format with a native kernel), one above the other; None if it has any other kind."""
+        parts = list(linear.parts) if isinstance(linear, ConcatLinear) else [linear]
+        runnable = all((type(p) is nn.Linear and p.weight.dtype == torch.float32)
+                       or (type(p) is StoredLinear and quant.has_native_kernel(p.stored.fmt)) for p in parts)
+        return parts if runnable else None
+
+    def _pack(self, layer: LlamaDecoderLayer) -> tuple[list[torch.Tensor], list[int]]:
+        """A layer's tensors and layout as decode.cpp reads them (see its layout contract)."""
         empty = torch.empty(0)
         attn = layer.self_attn
         tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    attn.q_norm.weight if self.qk_norm else empty, attn.k_norm.weight if self.qk_norm else empty]
+        counts, types = [], []
         for linear in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            quantized = linear.kernel_tensors() if hasattr(linear, "kernel_tensors") else (empty, empty)
-            bias = linear.bias if linear.bias is not None else empty
-            tensors += [linear.weight, *quantized, bias]
-        return [t.detach().contiguous() for t in tensors]
+            parts = self.parts(linear)
+            counts.append(len(parts))
+            for part in parts:
+                bias = part.bias if part.bias is not None else empty
+                if type(part) is StoredLinear:
+                    order = part.stored.row_order if part.stored.row_order is not None else empty
+                    tensors += [empty, part.stored.raw, order, bias]
+                    types.append(part.stored.fmt.type_id)
+                else:
+                    tensors += [part.weight, empty, empty, bias]
+                    types.append(-1)
+        # The stored bytes are views of the file's map: passed as they are (contiguous rows), never copied.
+        return [t.detach() if t.dtype == torch.uint8 else t.detach().contiguous() for t in tensors], counts + types
 
     def __call__(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -318,6 +345,6 @@ class NativeDecode:
         n = x.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)
         return self.kernels.decode_layers(
-            x.contiguous(), self.weights, self.caches, self.windows, cos, sin, meta.slot_mapping,
+            x.contiguous(), self.weights, self.layouts, self.caches, self.windows, cos, sin, meta.slot_mapping,
             meta.decode_key_slots, meta.decode_key_lens, self.spec.num_heads,
-            self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, FLOAT_ROWS)
+            self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, quant.DIRECT_ROWS)

@@ -12,11 +12,13 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,6 +27,7 @@ from textcomplete.errors import ModelFileError
 from textcomplete.models.gguf_file import GGUFFile
 from textcomplete.models.registry import architecture_of, model_class
 from textcomplete.models.spec import ModelSpec
+from textcomplete.quant import format_of
 from textcomplete.quant.linear import StoredEmbedding, StoredLinear
 from textcomplete.quant.stored import StoredTensor
 from textcomplete.tokenizer import Tokenizer
@@ -113,24 +116,28 @@ def _hub_files(repo_id: str) -> list[str]:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               stored: bool = False) -> LoadedModel:
+               stored: bool = True) -> LoadedModel:
     """Load `name`; a file or directory that cannot be used gives a ModelFileError naming it and why.
 
-    With `stored`, a GGUF file's matrices stay in their block formats (textcomplete.quant) instead of float32.
+    With `stored` (on a CPU), the checkpoint's matrices run from the file as stored (textcomplete.quant): a GGUF
+    file's block formats, a safetensors file's bfloat16/float16; without it they are expanded to `dtype`.
     """
     path = resolve_source(name)
     device = torch.device(device)
+    stored = stored and device.type == "cpu"
     try:
         gguf_path = path if path.is_file() else _single_gguf(path)
         if gguf_path is not None:
             gguf = GGUFFile(gguf_path)
             config, tokenizer = gguf.hf_config(), _gguf_tokenizer(gguf)
+            architecture = architecture_of(config)
             tensors, total = gguf.tensors(stored=stored), gguf.num_tensors
         else:
             config = _read_config(path / "config.json")
             tokenizer = Tokenizer.from_hf_dir(path, config)
-            tensors, total = _safetensors(path)
-        architecture = architecture_of(config)
+            architecture = architecture_of(config)
+            keep = model_class(architecture).keeps_stored_checkpoint if stored else None
+            tensors, total = _safetensors(path, keep)
         model = build_model(architecture, config, tensors, total, dtype, device)
     except ModelFileError:
         raise
@@ -168,7 +175,14 @@ def _single_gguf(directory: Path) -> Path | None:
     raise ModelFileError(directory, "no config.json" + (" and several .gguf files" if found else ""))
 
 
-def _safetensors(directory: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+# safetensors dtypes kept as stored (the matching GGML types: textcomplete.quant.formats)
+_STORED_SAFETENSORS = {"BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
+
+
+def _safetensors(directory: Path, keep: Callable[[str], bool] | None = None) -> \
+        tuple[Iterator[tuple[str, torch.Tensor | StoredTensor]], int]:
+    """The directory's tensors, one at a time. Matrices in bfloat16/float16 whose name `keep` accepts are
+    `StoredTensor` views of the file's map (read in place, never copied); the rest are tensors."""
     from safetensors import safe_open
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -181,15 +195,38 @@ def _safetensors(directory: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], i
             raise ModelFileError(f, f"not a valid safetensors file ({exc})") from None
     total = sum(len(h.keys()) for _, h in handles)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors() -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
         for f, handle in handles:
+            views = _safetensors_views(f) if keep is not None else {}
             for key in handle.keys():
+                if key in views and keep(key):
+                    yield key, views[key]
+                    continue
                 try:
                     tensor = handle.get_tensor(key)
                 except Exception as exc:   # noqa: BLE001 - as above, for one tensor's data
                     raise ModelFileError(f, f"tensor {key!r} cannot be read ({exc})") from None
                 yield key, tensor
     return tensors(), total
+
+
+def _safetensors_views(path: Path) -> dict[str, StoredTensor]:
+    """Each bfloat16/float16 matrix of a safetensors file as a view of the file's bytes. The layout: an 8-byte
+    little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the data (offsets
+    relative to its start). safe_open has already checked the header against the file."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")   # copy-on-write: never written; untouched pages cost nothing
+    views = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in _STORED_SAFETENSORS or len(info["shape"]) != 2:
+            continue
+        begin, end = (8 + length + offset for offset in info["data_offsets"])
+        rows, k = info["shape"]
+        raw = torch.from_numpy(mapped[begin:end]).view(rows, -1)
+        views[name] = StoredTensor.of(raw, format_of(_STORED_SAFETENSORS[info["dtype"]]), (rows, k))
+    return views
 
 
 def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, torch.Tensor | StoredTensor]],

@@ -101,6 +101,11 @@ def embedding(ids: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int) -> torc
     return fmt.dequantize(rows).reshape(rows.shape[0], k)
 
 
+def has_native_kernel(fmt: Format) -> bool:
+    """Whether the native kernels are built and run `fmt` (building them on first call)."""
+    return _native(fmt) is not None
+
+
 def native_available() -> bool:
     """Whether the native kernels are built (building them on first call)."""
     from textcomplete.kernels import quant_matmul

@@ -1,0 +1,343 @@
+// Matrix products with weights in their GGUF block formats and float32 activations.
+//
+// y[M, N] = x[M, K] @ W.T, where W's N rows are runs of blocks exactly as a GGUF file stores them (read in
+// place, often from a read-only memory map, never written). Two paths, chosen by the caller's row count:
+//  - direct (few rows of x: decode steps, bandwidth-bound): every weight byte is read once; a block is
+//    decoded into vector registers and multiplied into up to four rows of x at a time.
+//  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
+//    float32 scratch and multiplied by all of x with ATen's matmul, run single-threaded inside the parallel
+//    loop; each tile writes its own columns of y.
+// Both parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
+// (see quant/common.h); `portable` forces its scalar decoder, which non-AVX-512 machines always use.
+//
+// Layout contract (checked here and in textcomplete/quant/__init__.py):
+//   x    [M, K] float32, contiguous
+//   raw  [N, row_bytes] uint8, rows of contiguous bytes (any row stride)
+//   K    a multiple of the format's block size (any K for F32, F16, BF16)
+
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bf16.h"
+#include "f16.h"
+#include "f32.h"
+#include "q4_0.h"
+#include "q4_1.h"
+#include "q4_k.h"
+#include "q5_0.h"
+#include "q5_1.h"
+#include "q5_k.h"
+#include "q6_k.h"
+#include "q8_0.h"
+
+namespace tcq {
+
+// The direct path: weight rows per thread (at least), weight rows per pass over a K-chunk, and the bytes of
+// x per K-chunk (all rows of it: they stay in L1 while the pass's weight rows stream by).
+constexpr int64_t kDirectGrain = 16, kPassRows = 16, kDirectChunkBytes = 32 << 10;
+constexpr int64_t kParallelValues = 1 << 20;
+constexpr int64_t kRowGroup = 4;   // rows of x multiplied per decoded block
+// A decoded tile: 256 weight rows x 512 values (512 KiB of float32, well inside L2). Measured at 2048 x 8192
+// against 64-512 rows x 512-8192 values: larger tiles repack x less often, smaller ones stay in cache.
+constexpr int64_t kTileRows = 256, kTileCols = 512;
+constexpr int64_t kDecodeGrain = 1 << 18;   // values per thread, at least, when only decoding
+
+// Every format with a native kernel. Adding a format adds its header above and its struct here.
+template <class... Fs>
+struct FormatList {};
+using Formats = FormatList<F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K>;
+
+// Calls fn(F{}) for the format struct of GGML type `type`.
+template <class Fn, class... Fs>
+void with_format(FormatList<Fs...>, int64_t type, Fn&& fn) {
+  const bool found = ((type == Fs::kType ? (fn(Fs{}), true) : false) || ...);
+  TORCH_CHECK(found, "quant_matmul: GGML type ", type, " has no native kernel");
+}
+
+template <class... Fs>
+std::vector<int64_t> type_ids(FormatList<Fs...>) {
+  return {Fs::kType...};
+}
+
+// Bytes of one row of k values; k must be whole blocks except for the one-value-per-block float formats.
+template <class F>
+int64_t row_bytes(int64_t k) {
+  if (F::kValueBytes > 0) return k * F::kValueBytes;
+  TORCH_CHECK(k % F::kBlock == 0, "quant_matmul: K = ", k, " is not a multiple of the block size ", F::kBlock);
+  return k / F::kBlock * F::kBytes;
+}
+
+// One weight row decoded into k floats.
+template <class F>
+void decode_row(const uint8_t* w, int64_t k, float* y, bool portable) {
+  const int64_t blocks = k / F::kBlock;
+  int64_t b = 0;
+#ifdef TCQ_AVX512
+  if (!portable) {
+    for (; b < blocks; ++b) {
+      __m512 v[F::kBlock / 16];
+      F::decode(w + b * F::kBytes, v);
+      for (int i = 0; i < F::kBlock / 16; ++i) _mm512_storeu_ps(y + b * F::kBlock + 16 * i, v[i]);
+    }
+  }
+#endif
+  for (; b < blocks; ++b) F::decode(w + b * F::kBytes, y + b * F::kBlock);
+  if constexpr (F::kValueBytes > 0) {   // a float format's last k % 16 values
+    for (int64_t i = blocks * F::kBlock; i < k; ++i) y[i] = F::value(w + i * F::kValueBytes);
+  }
+}
+
+// acc[r] += the dot products of rows r < R of x (stride ldx) with the last k % 16 values of a float
+// format's weight row (nothing for block formats).
+template <class F, int R>
+void dot_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* acc) {
+  if constexpr (F::kValueBytes > 0) {
+    for (int64_t i = k / F::kBlock * F::kBlock; i < k; ++i) {
+      const float v = F::value(w + i * F::kValueBytes);
+      for (int r = 0; r < R; ++r) acc[r] += v * x[r * ldx + i];
+    }
+  }
+}
+
+// Portable direct product: adds the dot products of rows r < R of x with k values of a weight row to
+// y[r * ldy].
+template <class F, int R>
+void dot_portable(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy) {
+  float acc[R] = {};
+  float v[F::kBlock];
+  for (int64_t b = 0; b < k / F::kBlock; ++b) {
+    F::decode(w + b * F::kBytes, v);
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * ldx + b * F::kBlock;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int i = 0; i < F::kBlock; ++i) sum += v[i] * xb[i];
+      acc[r] += sum;
+    }
+  }
+  dot_tail<F, R>(w, x, ldx, k, acc);
+  for (int r = 0; r < R; ++r) y[r * ldy] += acc[r];
+}
+
+#ifdef TCQ_AVX512
+// fn(std::integral_constant<int, i>) for i < N: loop indices known at compile time, so that small arrays of
+// vectors indexed by them stay in registers.
+template <class Fn, int... I>
+inline void unroll_each(Fn& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class Fn>
+inline void unroll(Fn fn) {
+  unroll_each(fn, std::make_integer_sequence<int, N>{});
+}
+
+// Vector direct product, added to y[r * ldy]. A step decodes U blocks (at least 8 vectors) and feeds each
+// decoded vector to the R rows of x; every row keeps C independent accumulators so the fused multiply-adds
+// overlap.
+template <class F, int R>
+void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy) {
+  constexpr int V = F::kBlock / 16;
+  constexpr int U = V >= 8 ? 1 : 8 / V;
+  constexpr int C = R == 1 ? 4 : 2;
+  __m512 acc[R][C];
+  unroll<R * C>([&](auto i) { acc[i / C][i % C] = _mm512_setzero_ps(); });
+  auto step = [&](int64_t b, auto units) {
+    unroll<decltype(units)::value>([&](auto u) {
+      constexpr int kU = decltype(u)::value;
+      __m512 v[V];
+      F::decode(w + (b + kU) * F::kBytes, v);
+      const float* xb = x + (b + kU) * F::kBlock;
+      unroll<V * R>([&](auto ir) {
+        constexpr int i = decltype(ir)::value / R, r = decltype(ir)::value % R, c = (kU * V + i) % C;
+        acc[r][c] = _mm512_fmadd_ps(v[i], _mm512_loadu_ps(xb + r * ldx + 16 * i), acc[r][c]);
+      });
+    });
+  };
+  const int64_t blocks = k / F::kBlock;
+  int64_t b = 0;
+  for (; b + U <= blocks; b += U) step(b, std::integral_constant<int, U>{});
+  for (; b < blocks; ++b) step(b, std::integral_constant<int, 1>{});
+  float sums[R];
+  unroll<R>([&](auto r) {
+    __m512 total = acc[r][0];
+    unroll<C - 1>([&](auto c) { total = _mm512_add_ps(total, acc[r][c + 1]); });
+    sums[r] = _mm512_reduce_add_ps(total);
+  });
+  dot_tail<F, R>(w, x, ldx, k, sums);
+  for (int r = 0; r < R; ++r) y[r * ldy] += sums[r];
+}
+#endif
+
+template <class F, int R>
+void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy, bool portable) {
+#ifdef TCQ_AVX512
+  if (!portable) return dot_vector<F, R>(w, x, ldx, k, y, ldy);
+#endif
+  dot_portable<F, R>(w, x, ldx, k, y, ldy);
+}
+
+// Direct path: each weight byte is read from memory once. A thread takes its weight rows a few at a time and
+// walks K in chunks small enough that the chunk of every row of x stays in L1 while those weight rows pass
+// it; rows of x go in groups of up to four per decoded block.
+template <class F>
+void direct(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t m = x.size(0);
+  const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
+  y.zero_();
+  // A small matrix is read faster than a thread pool wakes (and on a busy machine a wait for a descheduled
+  // thread costs a whole time slice): split only products of at least kParallelValues weights per thread.
+  const int64_t grain = std::max<int64_t>(kDirectGrain, (kParallelValues + k - 1) / k);
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t j0 = n0; j0 < n1; j0 += kPassRows) {
+      const int64_t j1 = std::min(n1, j0 + kPassRows);
+      for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+        const int64_t width = std::min(chunk, k - k0);
+        for (int64_t j = j0; j < j1; ++j) {
+          const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
+          for (int64_t r = 0; r < m; r += kRowGroup) {
+            const float* xr = xp + r * k + k0;
+            float* yr = yp + r * n + j;
+            switch (std::min(kRowGroup, m - r)) {
+              case 1: dot_rows<F, 1>(piece, xr, k, width, yr, n, portable); break;
+              case 2: dot_rows<F, 2>(piece, xr, k, width, yr, n, portable); break;
+              case 3: dot_rows<F, 3>(piece, xr, k, width, yr, n, portable); break;
+              default: dot_rows<F, 4>(piece, xr, k, width, yr, n, portable); break;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// While alive, BLAS calls from this thread run on it alone. Torch turns off MKL's dynamic team sizing (so
+// that MKL's threads persist between calls), and an MKL call inside a parallel region then runs a nested
+// team of its own: measured 3-5x slower than one thread. MKL's thread-local setting undoes that; without
+// MKL the lookup finds nothing and other BLAS libraries already stay on the calling thread.
+class OneBlasThread {
+ public:
+  OneBlasThread() : saved_(set_ ? set_(1) : 0) {}
+  ~OneBlasThread() {
+    if (set_) set_(saved_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);   // MKL's C entry point (the lower-case name takes a pointer)
+  static inline const SetLocal set_ = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  const int saved_;
+};
+
+// Tiled path: each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32 scratch
+// and multiplies all of x by them with ATen's matmul, single-threaded inside the parallel loop,
+// accumulating into the tile's columns of y. F32 weights are multiplied in place by one multi-threaded call.
+template <class F>
+void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
+  if constexpr (std::is_same_v<F, F32>) {
+    if (reinterpret_cast<uintptr_t>(w) % alignof(float) == 0 && ldw % sizeof(float) == 0) {
+      // Read in place: the matmul only reads its operands (the bytes may be a read-only map).
+      const at::Tensor weight = at::from_blob(const_cast<uint8_t*>(w), {n, k}, {ldw / 4, 1}, x.options());
+      at::mm_out(y, x, weight.t());
+      return;
+    }
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows = std::min(kTileRows, ((n + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t cols = std::min(k, std::max<int64_t>(F::kBlock, kTileCols / F::kBlock * F::kBlock));
+  // Inference mode is per thread: the pool's threads take the caller's, or ATen refuses to write into an
+  // inference tensor (the engine's steps run under torch.inference_mode).
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    const c10::InferenceMode mode(inference);
+    const OneBlasThread one_blas_thread;
+    // Kept between calls: a fresh buffer this size is a fresh mapping, and faulting its pages in costs
+    // more than decoding into it.
+    static thread_local std::vector<float> buffer;
+    buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(rows * cols)));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t * rows, count = std::min(rows, n - first);
+      at::Tensor out = y.narrow(1, first, count);
+      for (int64_t k0 = 0; k0 < k; k0 += cols) {
+        const int64_t width = std::min(cols, k - k0);
+        const uint8_t* chunk = w + first * ldw + k0 / F::kBlock * F::kBytes;
+        for (int64_t r = 0; r < count; ++r) decode_row<F>(chunk + r * ldw, width, buffer.data() + r * width, portable);
+        const at::Tensor part = at::from_blob(buffer.data(), {count, width}, x.options()).t();
+        if (k0 == 0) {
+          at::mm_out(out, x.narrow(1, 0, width), part);
+        } else {
+          out.addmm_(x.narrow(1, k0, width), part);
+        }
+      }
+    }
+  });
+}
+
+inline void check_inputs(const at::Tensor& raw, int64_t k, int64_t bytes) {
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2,
+              "quant_matmul: weights must be a 2-D uint8 CPU tensor, got ", raw.scalar_type(), " ", raw.sizes());
+  TORCH_CHECK(raw.size(1) == bytes, "quant_matmul: a row of ", k, " values takes ", bytes, " bytes, got ",
+              raw.size(1));
+  TORCH_CHECK(raw.stride(1) == 1 && (raw.size(0) <= 1 || raw.stride(0) >= bytes),
+              "quant_matmul: weight rows must be contiguous bytes, got strides ", raw.strides());
+}
+
+inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t type, int64_t k, int64_t direct_rows,
+                  bool portable) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k,
+              "quant_matmul: x must be float32 [M, ", k, "], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "quant_matmul: x must be contiguous, got strides ", x.strides());
+  at::Tensor y;
+  with_format(Formats{}, type, [&](auto f) {
+    using F = decltype(f);
+    check_inputs(raw, k, row_bytes<F>(k));
+    const int64_t n = raw.size(0);
+    y = at::empty({x.size(0), n}, x.options());
+    if (x.size(0) == 0 || n == 0) return;
+    const uint8_t* w = raw.data_ptr<uint8_t>();
+    if (x.size(0) <= direct_rows) {
+      direct<F>(x, w, raw.stride(0), n, k, y, portable);
+    } else {
+      tiled<F>(x, w, raw.stride(0), n, k, y, portable);
+    }
+  });
+  return y;
+}
+
+inline at::Tensor dequantize(const at::Tensor& raw, int64_t type, int64_t k, bool portable) {
+  at::Tensor y;
+  with_format(Formats{}, type, [&](auto f) {
+    using F = decltype(f);
+    check_inputs(raw, k, row_bytes<F>(k));
+    const int64_t n = raw.size(0);
+    y = at::empty({n, k}, at::kFloat);
+    const uint8_t* w = raw.data_ptr<uint8_t>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, kDecodeGrain / k), [&](int64_t n0, int64_t n1) {
+      for (int64_t j = n0; j < n1; ++j) decode_row<F>(w + j * raw.stride(0), k, yp + j * k, portable);
+    });
+  });
+  return y;
+}
+
+inline bool vectorized() {
+#ifdef TCQ_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace tcq
