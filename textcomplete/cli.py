@@ -121,8 +121,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.warning("shutdown deadline near: aborting the requests still running")
         engine.fail_all(shutting_down)
 
-    server = Server(uvicorn.Config(build_app(service, keys), host=args.host, port=args.port,
-                                   log_level=args.log_level, access_log=False,
+    app = build_app(service, keys, playground=args.playground)
+    if args.playground:
+        log.info("playground at http://%s:%d/", args.host, args.port)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                                    http=protocol_with_header_timeout(limits.request_header_timeout),
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     try:
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="On SIGTERM/SIGINT, how long in-flight requests may finish before the rest are aborted "
                             "(default: 30).")
+    serve.add_argument("--no-playground", dest="playground", action="store_false",
+                       help="Do not serve the playground page at / and /playground.")
     serve.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)  # for tests
     limits = serve.add_argument_group("limits")
     defaults = ServerLimits()

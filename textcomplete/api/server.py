@@ -25,6 +25,8 @@ from textcomplete.api.errors import APIError, invalid, model_not_found, server_e
 from textcomplete.api.metrics import CONTENT_TYPE, Metrics
 from textcomplete.api.protocol import parse_completion_request
 from textcomplete.api.serving import CompletionService, RequestInfo
+from textcomplete.playground import is_page_path
+from textcomplete.playground import routes as playground_routes
 
 log = logging.getLogger("textcomplete.server")
 access_log = logging.getLogger("textcomplete.access")
@@ -154,7 +156,8 @@ async def _sse_stream(chunks: AsyncIterator[dict], info: RequestInfo) -> AsyncIt
     info.client_left = False
 
 
-def build_app(service: CompletionService, api_keys: list[str], created: int | None = None) -> Starlette:
+def build_app(service: CompletionService, api_keys: list[str], created: int | None = None,
+              playground: bool = True) -> Starlette:
     created = created or int(time.time())
     tokenizer = service.tokenizer
     metrics = Metrics(service.engine.stats, service.admission)
@@ -254,6 +257,7 @@ def build_app(service: CompletionService, api_keys: list[str], created: int | No
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        *(playground_routes() if playground else []),   # the page at / and /playground
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                                                        ClientDisconnect: on_client_gone, Exception: on_error})
@@ -370,8 +374,8 @@ def _bearer_key(request: Request) -> str | None:
 
 
 def _auth_error(request: Request, api_keys: list[str], key: str | None) -> APIError | None:
-    if not api_keys or request.url.path in OPEN_PATHS:
-        return None   # no key configured: the server is open (R9)
+    if not api_keys or request.url.path in OPEN_PATHS or is_page_path(request.url.path):
+        return None   # no key configured: the server is open (R9); the page's own files need none
     if key is None:
         return APIError(401, MISSING_KEY)
     if not _known_key(key, api_keys):
