@@ -40,6 +40,11 @@ class EngineConfig:
                 "block formats (Q4_K, Q8_0, ...), a safetensors file's bfloat16/float16; memory is about the "
                 "file's size. Activations stay float32, so results equal float32 on the stored values. "
                 "--no-stored-weights expands them to --dtype in memory instead."})
+    activations: str = field(default="float32", metadata={
+        "help": "Activations of the products with stored weights: float32 (exact: equal to float32 on the "
+                "stored values) or int8, which quantizes them to 8 bits in blocks of 32 for integer dot products "
+                "in steps of more than 8 rows (prefill, wide batches): faster there, not exact. Formats: "
+                "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, on CPUs with AVX-512 VNNI."})
     native_decode: bool = field(default=True, metadata={
         "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
                 "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "
@@ -70,6 +75,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.activations not in ("float32", "int8"):
+            raise ValueError(f"activations must be float32 or int8, not {self.activations!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, not {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -115,9 +115,12 @@ async def soak(base: str, count: int, seed: int, expected: dict[int, dict] | Non
     return outcomes
 
 
+KV_CACHE_MIB = 256
+
+
 @pytest.fixture(scope="module")
 def soak_server():
-    s = Server("--max-model-len", "256", "--kv-cache-memory", "256MiB")
+    s = Server("--max-model-len", "256", "--kv-cache-memory", f"{KV_CACHE_MIB}MiB")
     yield s
     s.stop()
 
@@ -146,7 +149,10 @@ def test_500_mixed_requests_at_concurrency_64_lose_nothing(soak_server):
     assert after["textcomplete_kv_blocks_used"] == 0
     assert after["textcomplete_kv_blocks_free"] == after["textcomplete_kv_blocks_total"]
     final_rss = rss_bytes(soak_server.proc.pid)
-    assert abs(final_rss - warm_rss) <= 0.10 * warm_rss, (warm_rss, final_rss)
+    # The KV cache's pages become resident as blocks are first written, so the soak may fault in the part of
+    # it that the warm-up left untouched; anything beyond that is a leak.
+    assert final_rss - warm_rss <= 0.10 * warm_rss + (KV_CACHE_MIB << 20), (warm_rss, final_rss)
+    assert warm_rss - final_rss <= 0.10 * warm_rss, (warm_rss, final_rss)
     statuses = {k: v for k, v in after.items() if k.startswith("textcomplete_http_requests_total")}
     assert not any("status=5" in k for k in statuses), statuses
     print(f"soak: {dict(outcomes)} in {elapsed:.1f}s; RSS {warm_rss / 2**20:.0f} -> {final_rss / 2**20:.0f} MiB")

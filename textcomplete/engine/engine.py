@@ -22,6 +22,7 @@ from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
 from textcomplete.kernels import decode_layers
 from textcomplete.models.loader import LoadedModel, load_model
+from textcomplete.quant.linear import use_int8_activations
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class LLMEngine:
         if loaded is None:
             device, dtype = resolve_device_and_dtype(config)
             loaded = load_model(config.model, dtype, device, stored=config.stored_weights)
+        if config.activations == "int8":
+            log.info("8-bit activations in the wide products of %d stored linear layers",
+                     use_int8_activations(loaded.model))
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         spec = loaded.spec

@@ -36,7 +36,7 @@ def weights_identity(path: Path) -> str:
 def system_fingerprint(weights: Path, dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device,
                        config: EngineConfig) -> str:
     parts = [__version__, torch.__version__, weights_identity(weights), str(dtype), f"kv={kv_dtype}", device.type,
-             f"stored_weights={config.stored_weights}",
+             f"stored_weights={config.stored_weights}", f"activations={config.activations}",
              f"block={config.block_size}", f"chunk={config.max_num_batched_tokens}",
              f"prefix_cache={config.enable_prefix_caching}", f"seed={config.seed}"]
     return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]

@@ -42,13 +42,13 @@ using Projection = std::vector<Part>;
 struct Shape {
   int64_t heads, kv_heads, head_dim, rotary_dim, direct_rows;
   double eps;
-  bool qk_norm;
+  bool qk_norm, int8;   // int8: wide products quantize activations to 8 bits (quant/int8.h)
 };
 
 at::Tensor part_product(const at::Tensor& x, const Part& p, const Shape& s) {
   at::Tensor y;
   if (p.raw.numel() > 0) {
-    y = tcq::matmul(x, p.raw, p.type, x.size(1), s.direct_rows, false);
+    y = tcq::matmul(x, p.raw, p.type, x.size(1), s.direct_rows, false, s.int8);
     if (p.row_order.numel() > 0) y = y.index_select(1, p.row_order);
   } else {
     y = at::linear(x, p.weight);
@@ -221,7 +221,8 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
                          const std::vector<std::vector<int64_t>>& layouts, std::vector<at::Tensor> caches,
                          std::vector<int64_t> windows, at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
                          at::Tensor key_slots, at::Tensor key_lens, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t direct_rows) {
+                         int64_t head_dim, int64_t rotary_dim, double eps, bool qk_norm, int64_t direct_rows,
+                         bool int8) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [n, hidden]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) == rotary_dim,
               "cos/sin: contiguous [n, rotary_dim]");
@@ -235,7 +236,7 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
               "one layout, cache and window per layer");
   TORCH_CHECK(heads > 0 && kv_heads > 0 && head_dim > 0 && heads % kv_heads == 0 && rotary_dim % 2 == 0 &&
               rotary_dim <= head_dim, "head shapes");
-  const Shape s{heads, kv_heads, head_dim, rotary_dim, direct_rows, eps, qk_norm};
+  const Shape s{heads, kv_heads, head_dim, rotary_dim, direct_rows, eps, qk_norm, int8};
   // Every cache slot the loops touch must lie inside every layer's cache: checked once per step, here.
   const int64_t n = x.size(0), width = key_slots.dim() == 2 ? key_slots.size(1) : -1;
   TORCH_CHECK(width >= 1 || n == 0, "key_slots: [n, width] with width >= 1");

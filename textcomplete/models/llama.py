@@ -303,6 +303,7 @@ class NativeDecode:
         self.layers = model.model.layers
         packed = [self._pack(layer) for layer in self.layers]
         self.weights = [tensors for tensors, _ in packed]
+        self.int8 = any(getattr(m, "int8", False) for m in model.modules() if isinstance(m, StoredLinear))
         self.layouts = [layout for _, layout in packed]
         self.windows = [layer.self_attn.attn.sliding_window or 0 for layer in self.layers]
         self.caches: list[torch.Tensor] | None = None
@@ -347,4 +348,5 @@ class NativeDecode:
         return self.kernels.decode_layers(
             x.contiguous(), self.weights, self.layouts, self.caches, self.windows, cos, sin, meta.slot_mapping,
             meta.decode_key_slots, meta.decode_key_lens, self.spec.num_heads,
-            self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, quant.DIRECT_ROWS)
+            self.spec.num_kv_heads, self.spec.head_dim, self.rotary_dim, self.eps, self.qk_norm, quant.DIRECT_ROWS,
+            self.int8)

@@ -76,14 +76,17 @@ def dequantize(raw: torch.Tensor, fmt: Format, k: int) -> torch.Tensor:
     return fmt.dequantize(raw).reshape(raw.shape[0], k)
 
 
-def matmul(x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int, native: bool = True) -> torch.Tensor:
+def matmul(x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int, native: bool = True,
+           int8: bool = False) -> torch.Tensor:
     """float32 [M, N] = x @ dequantize(raw).T for x float32 [M, K] contiguous and raw uint8 [N, row_bytes]
-    (read, never written). The native kernel when it is built and `native`, else PyTorch."""
+    (read, never written). The native kernel when it is built and `native`, else PyTorch. With `int8`, products
+    of more than DIRECT_ROWS rows quantize x to 8 bits in blocks of 32 (where the format and CPU allow:
+    `int8_supported`), which is faster and not exact."""
     _check_x(x, k)
     _check_raw(raw, fmt, k)
     module = _native(fmt) if native else None
     if module is not None:
-        return module.matmul(x, raw, fmt.type_id, k, DIRECT_ROWS, False)
+        return module.matmul(x, raw, fmt.type_id, k, DIRECT_ROWS, False, int8)
     out = x.new_empty(x.shape[0], raw.shape[0])
     step = max(1, _FALLBACK_CHUNK_VALUES // k)
     for n in range(0, raw.shape[0], step):
@@ -99,6 +102,17 @@ def embedding(ids: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int) -> torc
     if module is not None:
         return module.dequantize(rows, fmt.type_id, k, False)
     return fmt.dequantize(rows).reshape(rows.shape[0], k)
+
+
+# Formats whose blocks give integer codes for the 8-bit-activation products (kernels/quant/<name>.h: codes()).
+INT8_FORMATS = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+
+
+def int8_supported(fmt: Format) -> bool:
+    """Whether products with `fmt` weights can quantize activations to 8 bits here (native kernels built
+    with AVX-512 VNNI)."""
+    module = _native(fmt)
+    return module is not None and fmt.name in INT8_FORMATS and module.int8_available()
 
 
 def has_native_kernel(fmt: Format) -> bool:

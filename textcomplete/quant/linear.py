@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from textcomplete.quant import embedding, matmul
+from textcomplete.quant import embedding, int8_supported, matmul
 from textcomplete.quant.stored import StoredTensor
 
 
@@ -23,13 +23,14 @@ class StoredLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"a linear layer needs a matrix, not a {weight.shape} tensor")
         self.stored = weight
+        self.int8 = False   # wide products quantize activations to 8 bits (use_int8_activations)
         self.in_features, self.out_features = weight.k, weight.shape[0]
         # The bias, if any, is an ordinary parameter: the checkpoint's value is assigned like any other.
         self.bias = nn.Parameter(torch.empty(self.out_features, device="meta"), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        y = matmul(rows, self.stored.raw, self.stored.fmt, self.in_features)      # [rows, out]
+        y = matmul(rows, self.stored.raw, self.stored.fmt, self.in_features, int8=self.int8)   # [rows, out]
         if self.stored.row_order is not None:
             y = y[:, self.stored.row_order]
         if self.bias is not None:
@@ -38,6 +39,15 @@ class StoredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.stored.fmt.name}"
+
+
+def use_int8_activations(model: nn.Module) -> int:
+    """Let every stored linear layer of `model` whose format has integer codes quantize the activations of
+    wide products (prefill chunks, large batches) to 8 bits; returns how many do. Steps of few rows stay exact."""
+    layers = [m for m in model.modules() if isinstance(m, StoredLinear) and int8_supported(m.stored.fmt)]
+    for layer in layers:
+        layer.int8 = True
+    return len(layers)
 
 
 class ConcatLinear(nn.Module):

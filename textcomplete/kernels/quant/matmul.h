@@ -7,7 +7,8 @@
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x with ATen's matmul, run single-threaded inside the parallel
 //    loop; each tile writes its own columns of y.
-// Both parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
+//  - with `int8`, wide products of formats with integer codes quantize x to 8 bits instead (int8.h).
+// All parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
 // (see quant/common.h); `portable` forces its scalar decoder, which non-AVX-512 machines always use.
 //
 // Layout contract (checked here and in textcomplete/quant/__init__.py):
@@ -39,6 +40,7 @@
 #include "q5_k.h"
 #include "q6_k.h"
 #include "q8_0.h"
+#include "int8.h"
 
 namespace tcq {
 
@@ -295,7 +297,7 @@ inline void check_inputs(const at::Tensor& raw, int64_t k, int64_t bytes) {
 }
 
 inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t type, int64_t k, int64_t direct_rows,
-                  bool portable) {
+                         bool portable, bool int8 = false) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k,
               "quant_matmul: x must be float32 [M, ", k, "], got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "quant_matmul: x must be contiguous, got strides ", x.strides());
@@ -309,9 +311,12 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t typ
     const uint8_t* w = raw.data_ptr<uint8_t>();
     if (x.size(0) <= direct_rows) {
       direct<F>(x, w, raw.stride(0), n, k, y, portable);
-    } else {
-      tiled<F>(x, w, raw.stride(0), n, k, y, portable);
+      return;
     }
+    if constexpr (HasCodes<F>::value) {
+      if (int8 && !portable && int8_available()) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
+    }
+    tiled<F>(x, w, raw.stride(0), n, k, y, portable);
   });
   return y;
 }

@@ -8,6 +8,16 @@ namespace tcq {
 
 struct Q4_0 {
   static constexpr int64_t kType = 2, kBlock = 32, kBytes = 18, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    for (int j = 0; j < 16; ++j) {
+      c[j] = b[2 + j] & 15;
+      c[j + 16] = b[2 + j] >> 4;
+    }
+    scale[0] = half_at(b);
+    offset[0] = -8.f * scale[0];
+  }
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b);

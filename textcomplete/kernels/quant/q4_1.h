@@ -7,6 +7,16 @@ namespace tcq {
 
 struct Q4_1 {
   static constexpr int64_t kType = 3, kBlock = 32, kBytes = 20, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    for (int j = 0; j < 16; ++j) {
+      c[j] = b[4 + j] & 15;
+      c[j + 16] = b[4 + j] >> 4;
+    }
+    scale[0] = half_at(b);
+    offset[0] = half_at(b + 2);
+  }
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b), m = half_at(b + 2);

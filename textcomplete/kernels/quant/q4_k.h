@@ -55,6 +55,20 @@ inline void k_factors(const uint8_t* b, float* f) {
 
 struct Q4_K {
   static constexpr int64_t kType = 12, kBlock = 256, kBytes = 144, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    float off[8];
+    k_factors(b, scale, off);
+    for (int j = 0; j < 8; ++j) offset[j] = -off[j];
+    const uint8_t* q = b + 16;
+    for (int s = 0; s < 4; ++s, q += 32, c += 64) {
+      for (int l = 0; l < 32; ++l) {
+        c[l] = q[l] & 15;
+        c[l + 32] = q[l] >> 4;
+      }
+    }
+  }
 
   static void decode(const uint8_t* b, float* y) {
     float mul[8], off[8];

@@ -8,6 +8,17 @@ namespace tcq {
 
 struct Q5_0 {
   static constexpr int64_t kType = 6, kBlock = 32, kBytes = 22, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    const uint32_t qh = load_u32(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      c[j] = (b[6 + j] & 15) | (((qh >> j) & 1) << 4);
+      c[j + 16] = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    }
+    scale[0] = half_at(b);
+    offset[0] = -16.f * scale[0];
+  }
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b);

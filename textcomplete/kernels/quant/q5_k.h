@@ -11,6 +11,21 @@ namespace tcq {
 
 struct Q5_K {
   static constexpr int64_t kType = 13, kBlock = 256, kBytes = 176, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    float off[8];
+    k_factors(b, scale, off);
+    for (int j = 0; j < 8; ++j) offset[j] = -off[j];
+    const uint8_t* qh = b + 16;
+    const uint8_t* q = b + 48;
+    for (int s = 0; s < 4; ++s, q += 32, c += 64) {
+      for (int l = 0; l < 32; ++l) {
+        c[l] = (q[l] & 15) | (((qh[l] >> (2 * s)) & 1) << 4);
+        c[l + 32] = (q[l] >> 4) | (((qh[l] >> (2 * s + 1)) & 1) << 4);
+      }
+    }
+  }
 
   static void decode(const uint8_t* b, float* y) {
     float mul[8], off[8];

@@ -13,6 +13,26 @@ namespace tcq {
 
 struct Q6_K {
   static constexpr int64_t kType = 14, kBlock = 256, kBytes = 210, kValueBytes = 0;
+  static constexpr int64_t kGroup = 16;
+
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    const float d = half_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    for (int g = 0; g < 16; ++g) {
+      scale[g] = d * static_cast<float>(scales[g]);
+      offset[g] = -32.f * scale[g];
+    }
+    for (int h = 0; h < 2; ++h, c += 128) {
+      const uint8_t* ql = b + 64 * h;
+      const uint8_t* qh = b + 128 + 32 * h;
+      for (int l = 0; l < 32; ++l) {
+        c[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+        c[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+        c[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+        c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+      }
+    }
+  }
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b + 208);

@@ -7,6 +7,15 @@ namespace tcq {
 
 struct Q8_0 {
   static constexpr int64_t kType = 8, kBlock = 32, kBytes = 34, kValueBytes = 0;
+  static constexpr int64_t kGroup = 32;
+
+  // Integer codes for the 8-bit-activation products: value = scale * code + offset, code unsigned.
+  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+    const float d = half_at(b);
+    for (int i = 0; i < kBlock; ++i) c[i] = b[2 + i] ^ 0x80;   // q + 128
+    scale[0] = d;
+    offset[0] = -128.f * d;
+  }
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b);

@@ -1,0 +1,240 @@
+// Products with 8-bit activations: the faster, inexact mode for steps of many rows (prefill, wide batches).
+//
+// Each row of x is quantized in blocks of 32 to int8 with a float32 scale per block (d = max|x| / 127). A
+// weight block gives unsigned integer codes with a float scale and offset per group of kGroup values
+// (value = scale * code + offset, see each format's codes()), so a group's contribution to y is
+//     scale * d * sum(code * q) + offset * d * sum(q)
+// and the integer sums run on AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products a cycle).
+//
+// Tiles of 16 weight rows ("panels") are decoded once per step into codes interleaved by 4 values
+// ([K / 4][16 rows][4 codes]), so that one vpdpbusd multiplies 4 values of 16 weight rows by the same 4
+// values of one row of x (broadcast), accumulating 16 outputs; every row of x reuses the decoded panel.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace tcq {
+
+// Whether format F has integer codes (a kGroup and codes()).
+template <class F, class = void>
+struct HasCodes : std::false_type {};
+template <class F>
+struct HasCodes<F, std::void_t<decltype(F::kGroup)>> : std::true_type {};
+
+#if defined(TCQ_AVX512) && defined(__AVX512VNNI__)
+#define TCQ_VNNI 1
+#endif
+
+inline bool int8_available() {
+#ifdef TCQ_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kActivationBlock = 32;
+constexpr int64_t kPanel = 16;            // weight rows per panel: the lanes of one accumulator
+constexpr int64_t kInt8TileRows = 64;     // weight rows a thread decodes at a time (4 panels)
+constexpr int64_t kInt8ChunkValues = 2048;  // values of K per decoded tile (64 x 2048 codes: 128 KiB)
+constexpr int kRowBlock = 4;              // rows of x per pass over a panel
+
+// Row r of x [m, k] as int8 codes q, and per group of `group` values (16 or 32) the scale d of its
+// 32-block and d * (sum of the group's codes).
+inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, int8_t* q, float* dx, float* xs) {
+  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * k;
+      int8_t* qr = q + r * k;
+      for (int64_t b = 0; b < k; b += kActivationBlock) {
+        float amax = 0.f;
+        for (int64_t i = 0; i < kActivationBlock; ++i) amax = std::max(amax, std::fabs(xr[b + i]));
+        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t i = 0; i < kActivationBlock; ++i) qr[b + i] = static_cast<int8_t>(std::nearbyint(xr[b + i] * inv));
+        for (int64_t g = b; g < b + kActivationBlock; g += group) {
+          int sum = 0;
+          for (int64_t i = 0; i < group; ++i) sum += qr[g + i];
+          dx[(r * k + g) / group] = d;
+          xs[(r * k + g) / group] = d * static_cast<float>(sum);
+        }
+      }
+    }
+  });
+}
+
+#ifdef TCQ_VNNI
+// 16 rows of 16 dwords each (rows `in[i]`) transposed: out[j] holds dword j of every row.
+inline void transpose16(const __m512i* in, __m512i* out) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  // b[4q + s] holds, in 128-bit lane l, dwords 4l + {s'} of rows 4q..4q+3 (s' the order above: 0, 1, 2, 3).
+  for (int i = 0; i < 4; ++i) {
+    for (int q = 0; q < 4; q += 2) {
+      a[4 * q + i] = _mm512_shuffle_i32x4(b[4 * q + i], b[4 * q + 4 + i], 0x88);       // lanes 0, 2 | 0, 2
+      a[4 * q + 4 + i] = _mm512_shuffle_i32x4(b[4 * q + i], b[4 * q + 4 + i], 0xDD);   // lanes 1, 3 | 1, 3
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512i r01_even = a[i], r01_odd = a[4 + i], r23_even = a[8 + i], r23_odd = a[12 + i];
+    out[i] = _mm512_shuffle_i32x4(r01_even, r23_even, 0x88);        // 128-bit lane 0 of each source
+    out[8 + i] = _mm512_shuffle_i32x4(r01_even, r23_even, 0xDD);    // lane 2
+    out[4 + i] = _mm512_shuffle_i32x4(r01_odd, r23_odd, 0x88);      // lane 1
+    out[12 + i] = _mm512_shuffle_i32x4(r01_odd, r23_odd, 0xDD);     // lane 3
+  }
+}
+#endif
+
+// One decoded tile: up to kInt8TileRows weight rows x `width` values of K, as panels.
+struct Int8Tile {
+  std::vector<uint8_t> codes;   // [panels][width / 4][16][4]
+  std::vector<float> scale;     // [panels][width / group][16]
+  std::vector<float> offset;    // same
+  std::vector<uint8_t> rows;    // scratch: [16][width] codes of one panel, row-major
+};
+
+// Decodes weight rows [first, first + count) x values [k0, k0 + width) of w into tile t (rows past count are
+// zero: their outputs are never stored).
+template <class F>
+void decode_tile(const uint8_t* w, int64_t ldw, int64_t first, int64_t count, int64_t k0, int64_t width,
+                 Int8Tile& t) {
+  constexpr int64_t G = F::kGroup;
+  const int64_t panels = (count + kPanel - 1) / kPanel, quads = width / 4, groups = width / G;
+  t.codes.resize(static_cast<size_t>(panels * quads * 64));
+  t.scale.resize(static_cast<size_t>(panels * groups * kPanel));
+  t.offset.resize(t.scale.size());
+  t.rows.resize(static_cast<size_t>(kPanel * width));
+  float scale[F::kBlock / G], offset[F::kBlock / G];
+  for (int64_t p = 0; p < panels; ++p) {
+    float* ps = t.scale.data() + p * groups * kPanel;
+    float* po = t.offset.data() + p * groups * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      uint8_t* row = t.rows.data() + c * width;
+      const int64_t j = p * kPanel + c;
+      if (j >= count) {
+        std::fill(row, row + width, 0);
+        for (int64_t g = 0; g < groups; ++g) ps[g * kPanel + c] = po[g * kPanel + c] = 0.f;
+        continue;
+      }
+      const uint8_t* src = w + (first + j) * ldw + k0 / F::kBlock * F::kBytes;
+      for (int64_t b = 0; b < width / F::kBlock; ++b) {
+        F::codes(src + b * F::kBytes, row + b * F::kBlock, scale, offset);
+        for (int64_t g = 0; g < F::kBlock / G; ++g) {
+          ps[(b * F::kBlock / G + g) * kPanel + c] = scale[g];
+          po[(b * F::kBlock / G + g) * kPanel + c] = offset[g];
+        }
+      }
+    }
+    uint8_t* out = t.codes.data() + p * quads * 64;
+    int64_t q = 0;
+#ifdef TCQ_VNNI
+    for (; q + 16 <= quads; q += 16) {   // 64 values of all 16 rows at a time
+      __m512i in[16], tr[16];
+      for (int c = 0; c < 16; ++c) in[c] = _mm512_loadu_si512(t.rows.data() + c * width + 4 * q);
+      transpose16(in, tr);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (q + i) * 64, tr[i]);
+    }
+#endif
+    for (; q < quads; ++q) {
+      for (int c = 0; c < 16; ++c) std::memcpy(out + q * 64 + 4 * c, t.rows.data() + c * width + 4 * q, 4);
+    }
+  }
+}
+
+#ifdef TCQ_VNNI
+// y[r, 0..cols) += the products of R rows of quantized x with one decoded panel over `width` values.
+template <int R, int64_t G>
+inline void panel_product(const uint8_t* codes, const float* scale, const float* offset, int64_t width,
+                          const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y,
+                          int64_t ldy, __mmask16 cols) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < width / G; ++g) {
+    __m512i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < G / 4; ++i) {
+      const __m512i w = _mm512_loadu_si512(codes + (g * G / 4 + i) * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i xq = _mm512_set1_epi32(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(
+            q + r * ldq + g * G + 4 * i))));
+        sum[r] = _mm512_dpbusd_epi32(sum[r], w, xq);
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(scale + g * kPanel), o = _mm512_loadu_ps(offset + g * kPanel);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(s, _mm512_set1_ps(dx[r * ldg + g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs[r * ldg + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + r * ldy;
+    _mm512_mask_storeu_ps(yr, cols, _mm512_add_ps(_mm512_maskz_loadu_ps(cols, yr), acc[r]));
+  }
+}
+#endif
+
+// y[M, N] = x @ W.T with x quantized to 8 bits; F must have codes and K be a multiple of 32.
+template <class F>
+void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
+#ifdef TCQ_VNNI
+  constexpr int64_t G = F::kGroup;
+  TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
+  const int64_t m = x.size(0), ldg = k / G;
+  std::vector<int8_t> q(static_cast<size_t>(m * k));
+  std::vector<float> dx(static_cast<size_t>(m * ldg)), xs(dx.size());
+  quantize_rows(x.data_ptr<float>(), m, k, G, q.data(), dx.data(), xs.data());
+  float* yp = y.data_ptr<float>();
+  y.zero_();
+  const int64_t chunk = std::min(k, std::max<int64_t>(F::kBlock, kInt8ChunkValues / F::kBlock * F::kBlock));
+  at::parallel_for(0, (n + kInt8TileRows - 1) / kInt8TileRows, 1, [&](int64_t t0, int64_t t1) {
+    static thread_local Int8Tile tile;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t * kInt8TileRows, count = std::min(kInt8TileRows, n - first);
+      for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+        const int64_t width = std::min(chunk, k - k0), quads = width / 4, groups = width / G;
+        decode_tile<F>(w, ldw, first, count, k0, width, tile);
+        for (int64_t p = 0; p * kPanel < count; ++p) {
+          const int64_t cols = std::min(kPanel, count - p * kPanel);
+          const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+          const uint8_t* codes = tile.codes.data() + p * quads * 64;
+          const float* scale = tile.scale.data() + p * groups * kPanel;
+          const float* offset = tile.offset.data() + p * groups * kPanel;
+          for (int64_t r = 0; r < m; r += kRowBlock) {
+            const int8_t* qr = q.data() + r * k + k0;
+            const float* dr = dx.data() + r * ldg + k0 / G;
+            const float* sr = xs.data() + r * ldg + k0 / G;
+            float* yr = yp + r * n + first + p * kPanel;
+            switch (std::min<int64_t>(kRowBlock, m - r)) {
+              case 1: panel_product<1, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
+              case 2: panel_product<2, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
+              case 3: panel_product<3, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
+              default: panel_product<4, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
+            }
+          }
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI");
+#endif
+}
+
+}  // namespace tcq
