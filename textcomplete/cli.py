@@ -188,10 +188,14 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
         tokenizer = _bench_tokenizer(str(model.path))
         tokens = compare.kv_tokens(max(config.concurrency), config)
         done = {}
-        for name, start in (("textcomplete", lambda: compare.run_textcomplete(
-                model, config, tokenizer, logs, shlex.split(args.serve_args), tokens)),
-                            ("llama-server", lambda: compare.run_llama_server(
-                                binaries.server, model, config, tokenizer, logs, tokens))):
+        extra = shlex.split(args.serve_args)
+        servers = [("textcomplete", lambda: compare.run_textcomplete(model, config, tokenizer, logs, extra, tokens))]
+        if args.int8_mode:
+            servers.append(("textcomplete int8", lambda: compare.run_textcomplete(
+                model, config, tokenizer, logs, [*extra, "--activations", "int8"], tokens, "textcomplete int8")))
+        servers.append(("llama-server", lambda: compare.run_llama_server(
+            binaries.server, model, config, tokenizer, logs, tokens)))
+        for name, start in servers:
             try:
                 done[name] = start()
             except RuntimeError as exc:   # a server that cannot load this model is reported, not fatal
@@ -433,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="With --compare, comma-separated NAME:FORMAT: smollm2-135m:Q4_1 (the shipped file), "
                            "smollm2-1.7b or llama3-8b with Q4_K_M, Q8_0 or F16 (random weights at the real "
                            "shape, written and quantized on first use; default: smollm2-135m:Q4_1).")
+    load.add_argument("--int8-mode", action=argparse.BooleanOptionalAction, default=True,
+                      help="With --compare, also run textcomplete with --activations int8 (default: on).")
     load.add_argument("--bench-models-dir", default="~/.cache/textcomplete/bench-models",
                       help="Where --compare caches the random-weight GGUF files.")
     load.add_argument("--serve-args", default="",

@@ -86,15 +86,21 @@ def _run(single: float, c16: float, rss_mib: int) -> compare.PeerRun:
 
 
 def test_report_tables_show_ratios_and_targets():
-    ours, peer = report.Figures.of(_run(120, 400, 230)), report.Figures.of(_run(100, 500, 200))
-    table = "\n".join(report.figures_table(ours, peer))
-    assert "| single stream, output tokens/s | 120.0 tok/s | 100.0 tok/s | 1.20x |" in table
-    assert "| prefill, prompt tokens/s | — | — | —x |" in table
-    ratios = report.target_ratios(ours, peer)
-    assert math.isclose(ratios["rss_peak"], 1.15) and math.isclose(ratios["single"], 1.2)
-    rows = "\n".join(report.targets_table([("m Q4_1", ratios)]))
-    assert "1.15x met" in rows and "1.20x met" in rows
-    assert "**missed**" in "\n".join(report.targets_table([("m", {"rss_peak": 1.3, "single": float("nan")})]))
+    figures = {report.OURS: report.Figures.of(_run(120, 400, 230)),
+               report.OURS_INT8: report.Figures.of(_run(110, 600, 240)),
+               report.PEER: report.Figures.of(_run(100, 500, 200))}
+    table = "\n".join(report.figures_table(figures))
+    assert "| single stream, output tokens/s | 120.0 tok/s | 110.0 tok/s | 100.0 tok/s | 1.20x | 1.10x |" in table
+    assert "| prefill, prompt tokens/s | — | — | — | —x | —x |" in table
+    ratios = {t.text: v for t, v in report.target_ratios(figures).items()}
+    assert math.isclose(ratios["peak RSS after the run ≤ 1.15x"], 1.15)
+    assert math.isclose(ratios["exact: single stream ≥ 1.0x"], 1.2)
+    assert math.isclose(ratios["int8: concurrency 16 aggregate ≥ 1.0x"], 1.2)
+    rows = "\n".join(report.targets_table([("m Q4_1", report.target_ratios(figures))]))
+    assert "1.15x met" in rows and "1.20x met" in rows and "—x **missed**" in rows   # no prefill ran
+    del figures[report.OURS_INT8]
+    assert all(math.isnan(v) for t, v in report.target_ratios(figures).items() if t.server == report.OURS_INT8)
+    assert "| textcomplete / llama-server |" in report.figures_table(figures)[0] + " |"
 
 
 def test_report_keeps_the_hand_written_tail(tmp_path):

@@ -124,18 +124,23 @@ def textcomplete_kv_memory(shape: ModelShape, tokens: int, itemsize: int = 4) ->
 
 
 def serve_itemsize(extra: list[str]) -> int:
-    """Bytes per KV element of textcomplete serve with these options (float32 on the CPU unless --dtype says)."""
-    dtype = extra[extra.index("--dtype") + 1] if "--dtype" in extra[:-1] else "float32"
+    """Bytes per KV element of textcomplete serve with these options (float32 on the CPU unless --kv-cache-dtype
+    or --dtype says)."""
+    def option(name: str) -> str | None:
+        return extra[extra.index(name) + 1] if name in extra[:-1] else None
+    dtype = option("--kv-cache-dtype") or "auto"
+    if dtype == "auto":
+        dtype = option("--dtype") or "float32"
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
 def run_textcomplete(model: BenchModel, config: WorkloadConfig, tokenizer, logs: Path, extra: list[str],
-                     tokens: int) -> PeerRun:
+                     tokens: int, name: str = "textcomplete") -> PeerRun:
     memory = textcomplete_kv_memory(model.shape, tokens, serve_itemsize(extra))
     cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "info", "serve", "--model", str(model.path),
            "--served-model-name", model.label, "--port", "0", "--threads", str(THREADS), "--kv-cache-memory", str(memory),
            *extra]
-    return _run_server("textcomplete", cmd, "/health", model, config, tokenizer, logs, tokens)
+    return _run_server(name, cmd, "/health", model, config, tokenizer, logs, tokens)
 
 
 def llama_server_command(binary: Path, model: BenchModel, port: int, concurrency: int, tokens: int) -> list[str]:
