@@ -28,6 +28,7 @@ from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.errors import ModelFileError
 from textcomplete.models.moe import Gate, SparseMoeBlock
 from textcomplete.models.registry import architecture_of, model_class
+from textcomplete.quant.linear import StoredLinear
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -205,11 +206,27 @@ def test_a_missing_expert_is_reported(moe_dir, tmp_path):
         make_engine(broken)
 
 
-def test_quantized_gguf_experts_load(moe_dir, tmp_path):
+@pytest.mark.parametrize("family, fuse", [("qwen2_moe", False), ("mixtral", False), ("qwen3_moe", True)])
+def test_quantized_gguf_experts_stay_stored(moe_dir, tmp_path, family, fuse):
+    """Every routed expert runs from the file's Q8_0 blocks (gate/up halves from two GGUF stacks, or the
+    fused one), exactly as the same file expanded to float32 does."""
     path = tmp_path / "q8.gguf"
-    write_moe_gguf(moe_dir("qwen2_moe"), path, "qwen2_moe", qtype=QType.Q8_0)
-    [outs] = make_engine(path).generate([random_ids(20, 4)], SamplingParams(max_tokens=4, temperature=0.0))
-    assert len(tokens_of(outs)) == 4
+    write_moe_gguf(moe_dir(family), path, family, qtype=QType.Q8_0, fuse_gate_up=fuse)
+    stored, expanded = make_engine(path), make_engine(path, stored_weights=False)
+    for layer in stored.loaded.model.model.layers:
+        block = layer.mlp
+        if not isinstance(block, SparseMoeBlock):
+            continue
+        for expert in block.experts:
+            layers = [expert.down_proj, *getattr(expert.gate_up_proj, "parts", [expert.gate_up_proj])]
+            assert all(isinstance(m, StoredLinear) for m in layers), family
+    ids = random_ids(30, 4)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, prompt_logprobs=0, ignore_eos=True)
+    [a], [b] = stored.generate([ids], params), expanded.generate([ids], params)
+    assert tokens_of(a) == tokens_of(b)
+    got = torch.tensor([e.logprob for o in a for e in (*o.prompt_logprobs, *o.logprobs) if e.logprob is not None])
+    want = torch.tensor([e.logprob for o in b for e in (*o.prompt_logprobs, *o.logprobs) if e.logprob is not None])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=2e-5)
 
 
 # --- routing ----------------------------------------------------------------------------------------------------

@@ -106,21 +106,21 @@ INT8_FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 @pytest.mark.parametrize("name", INT8_FORMATS)
 def test_8_bit_activations_are_exact_on_the_rounded_activations(native, name):
-    """The integer products compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32): only the
-    rounding of x differs from the float32 product. Narrow products stay on the float32 path."""
+    """Products wider than the direct path compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32):
+    only the rounding of x differs from the float32 product. Narrower ones stay on the exact float32 path."""
     fmt = by_name(name)
     assert native.int8_available(), "this CPU has AVX-512 VNNI: the 8-bit products must be built"
     for m, n, k, raw, x in cases(fmt, seed=2):
-        y = matmul(x, raw, fmt, k, int8=True)
-        if m <= DIRECT_ROWS:
-            assert_matches_oracle(y, x, raw, fmt, k)
-            continue
-        x8 = int8_activations(x)
-        oracle = Oracle(x8, raw, fmt, k)
-        worst = ((y.double() - oracle.exact).abs() / (oracle.bound + 1e-6 * oracle.exact.abs().max())).max()
-        assert worst <= 1.0, f"{name} m={m} n={n} k={k}: error {worst:.3g} x the bound"
-        # ... and x8 is a coarse copy of x: the product moves by about its rounding, not more.
-        assert not torch.equal(y, matmul(x, raw, fmt, k))
+        rounded = Oracle(int8_activations(x), raw, fmt, k)
+        for direct_rows in (0, DIRECT_ROWS):
+            y = native.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
+            if m <= direct_rows:
+                assert_matches_oracle(y, x, raw, fmt, k)
+                continue
+            bound = rounded.bound + 1e-6 * rounded.exact.abs().max()
+            worst = ((y.double() - rounded.exact).abs() / bound).max()
+            assert worst <= 1.0, f"{name} m={m} n={n} k={k}: error {worst:.3g} x the bound"
+            assert not torch.equal(y, matmul(x, raw, fmt, k))   # x8 is a coarse copy of x
 
 
 def test_every_thread_count_gives_the_same_answer(native):

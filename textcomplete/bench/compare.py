@@ -164,7 +164,7 @@ def _run_server(name: str, cmd: list[str], ready: str, model: BenchModel, config
                 logs: Path, tokens: int) -> PeerRun:
     port = _free_port()
     cmd = [str(port) if i and cmd[i - 1] == "--port" else part for i, part in enumerate(cmd)]
-    log = logs / f"{name}-{model.label.replace(' ', '-')}.log"
+    log = logs / f"{name}-{model.label}.log".replace(' ', '-')
     print(f"starting {name} on {model.label}: {' '.join(cmd)}")
     server = ServerProcess(cmd, port, ready, log)
     try:

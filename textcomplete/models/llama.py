@@ -234,8 +234,7 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def keeps_stored(gguf_name: str) -> bool:
         """Whether this GGUF matrix runs from its stored format (else it is decoded to float32 on loading)."""
-        # Routed experts are restacked on loading (textcomplete.models.moe), which needs their values.
-        return "_exps" not in gguf_name
+        return True   # routed experts too: textcomplete.models.moe keeps their stacks stored
 
     @staticmethod
     def keeps_stored_checkpoint(name: str) -> bool:

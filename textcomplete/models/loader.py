@@ -29,7 +29,7 @@ from textcomplete.models.registry import architecture_of, model_class
 from textcomplete.models.spec import ModelSpec
 from textcomplete.quant import format_of
 from textcomplete.quant.linear import StoredEmbedding, StoredLinear
-from textcomplete.quant.stored import StoredTensor
+from textcomplete.quant.stored import StoredStack, StoredTensor
 from textcomplete.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,8 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
             raise ValueError(f"checkpoint tensor {raw_name!r} does not belong to a {architecture}")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(f"{raw_name}: shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-        state[name] = tensor if isinstance(tensor, StoredTensor) else tensor.to(device=device, dtype=dtype).contiguous()
+        stored = isinstance(tensor, (StoredTensor, StoredStack))
+        state[name] = tensor if stored else tensor.to(device=device, dtype=dtype).contiguous()
     for name, source in model.tied_weights().items():
         if name not in state and source in state:
             state[name] = state[source]
@@ -266,13 +267,15 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
 def _adopt_stored(model: nn.Module, state: dict[str, torch.Tensor | StoredTensor], dtype: torch.dtype,
                   device: torch.device) -> None:
     """Swap each layer whose weight is stored for its stored-format counterpart; `state` keeps the rest."""
-    for name in [n for n, t in state.items() if isinstance(t, StoredTensor)]:
+    for name in [n for n, t in state.items() if isinstance(t, (StoredTensor, StoredStack))]:
         path, _, leaf = name.rpartition(".")
         module = model.get_submodule(path)
         stored = state.pop(name)
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        if leaf == "weight" and type(module) is nn.Linear and device.type == "cpu":
+        if device.type == "cpu" and hasattr(module, "adopt_stored"):   # a module that runs stored stacks itself
+            module.adopt_stored(leaf, stored)
+        elif leaf == "weight" and type(module) is nn.Linear and device.type == "cpu":
             setattr(parent, child, StoredLinear(stored, bias=module.bias is not None))
         elif leaf == "weight" and type(module) is nn.Embedding and device.type == "cpu":
             setattr(parent, child, StoredEmbedding(stored))

@@ -14,11 +14,13 @@ from torch import nn
 
 from textcomplete.models import gguf_file
 from textcomplete.models.llama import LlamaMLP
+from textcomplete.quant.linear import ConcatLinear, StoredLinear
+from textcomplete.quant.stored import StoredStack, StoredTensor
 
 
 class Gate(nn.Module):
-    """x @ weight.T in the activations' dtype. Not an nn.Linear on purpose: weight-only quantization passes it
-    by, since a rounded router picks other experts (and the int4 kernel needs at least 16 outputs)."""
+    """x @ weight.T in the activations' dtype, from float weights (a router is small, and the experts it picks
+    should not depend on how its weights are stored)."""
 
     def __init__(self, outputs: int, hidden: int) -> None:
         super().__init__()
@@ -45,12 +47,12 @@ class TopKRouter(Gate):
 
 
 class Expert(nn.Module):
-    """One SwiGLU expert over its rows of the stacks; nn.Linear layers, so weight-only quantization reaches it."""
+    """One SwiGLU expert: float32 views of the stacks, or layers over the file's stored blocks."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate_up: nn.Module, down: nn.Module) -> None:
         super().__init__()
-        self.gate_up_proj = _linear(gate_up)     # [2 * intermediate, hidden], gate rows first
-        self.down_proj = _linear(down)           # [hidden, intermediate]
+        self.gate_up_proj = gate_up     # [2 * intermediate, hidden], gate rows first
+        self.down_proj = down           # [hidden, intermediate]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -64,16 +66,37 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 class StackedExperts(nn.Module):
-    """Every expert's weights in two stacks, named and laid out as transformers 5 stores them."""
+    """Every expert's weights in two stacks, named and laid out as transformers 5 stores them; a stack the file
+    stores in a block format stays stored (`adopt_stored`)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.stored: dict[str, StoredTensor | StoredStack] = {}
+
+    def adopt_stored(self, name: str, stack: StoredTensor | StoredStack) -> None:
+        """Keep stack `name` (gate_up_proj or down_proj) as stored: it is no longer a parameter."""
+        del self._parameters[name]
+        self.stored[name] = stack
 
     def split(self) -> nn.ModuleList:
-        """One `Expert` per stack entry, over views of the stacks (no copy)."""
-        return nn.ModuleList(Expert(gu, d) for gu, d in zip(self.gate_up_proj.detach(), self.down_proj.detach()))
+        """One `Expert` per stack entry: over views of the float stacks (no copy), or over the stored blocks."""
+        gate_up = [self._expert_layer("gate_up_proj", e) for e in range(self._count())]
+        down = [self._expert_layer("down_proj", e) for e in range(self._count())]
+        return nn.ModuleList(Expert(gu, d) for gu, d in zip(gate_up, down))
+
+    def _count(self) -> int:
+        stack = self.stored.get("down_proj", self._parameters.get("down_proj"))
+        return stack.shape[0]
+
+    def _expert_layer(self, name: str, e: int) -> nn.Module:
+        stack = self.stored.get(name)
+        if stack is None:
+            return _linear(self._parameters[name].detach()[e])
+        parts = stack.experts[e] if isinstance(stack, StoredStack) else (stack[e],)
+        layers = [StoredLinear(p) for p in parts]
+        return layers[0] if len(layers) == 1 else ConcatLinear(layers)
 
 
 class SparseMoeBlock(nn.Module):
@@ -169,11 +192,17 @@ class ExpertStacker:
         del self.pending[target]
         return target, self._stack(target, pieces)
 
-    def _stack(self, target: str, pieces: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+    def _stack(self, target: str, pieces: dict[tuple[str, int], torch.Tensor | StoredTensor]) -> \
+            torch.Tensor | StoredStack:
         shapes = {tuple(t.shape) for t in pieces.values()}
         if len(shapes) != 1:
             raise ValueError(f"the expert tensors stacked into {target!r} differ in shape: {sorted(shapes)}")
         experts = range(self.num_experts)
+        if all(isinstance(t, StoredTensor) for t in pieces.values()):
+            # The file's blocks stay where they are: each expert's matrix is its pieces' rows in order.
+            projs = ("down_proj",) if target.endswith("down_proj") else ("gate_proj", "up_proj")
+            return StoredStack(tuple(tuple(pieces[p, e] for p in projs) for e in experts))
+        pieces = {key: t.dequantize() if isinstance(t, StoredTensor) else t for key, t in pieces.items()}
         if target.endswith("down_proj"):
             return torch.stack([pieces["down_proj", e] for e in experts])          # [E, hidden, inter]
         gate = torch.stack([pieces["gate_proj", e] for e in experts])

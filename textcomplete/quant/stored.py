@@ -72,3 +72,19 @@ class StoredTensor:
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
+
+
+@dataclass(frozen=True)
+class StoredStack:
+    """A stack of stored matrices that are not one run of bytes: expert e's matrix is the rows of
+    `experts[e]`'s parts one after another (a fused gate/up projection whose halves are two GGUF tensors)."""
+    experts: tuple[tuple[StoredTensor, ...], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.experts[0]
+        return (len(self.experts), sum(p.shape[0] for p in first), first[0].k)
+
+    def dequantize(self) -> torch.Tensor:
+        """A float32 copy [experts, rows, k]."""
+        return torch.stack([torch.cat([p.dequantize() for p in parts]) for parts in self.experts])

@@ -311,10 +311,7 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t typ
     y = at::empty({x.size(0), n}, x.options());
     if (x.size(0) == 0 || n == 0) return;
     const uint8_t* w = raw.data_ptr<uint8_t>();
-    if (x.size(0) <= direct_rows) {
-      direct<F>(x, w, raw.stride(0), n, k, y, portable);
-      return;
-    }
+    if (x.size(0) <= direct_rows) return direct<F>(x, w, raw.stride(0), n, k, y, portable);
     if constexpr (HasCodes<F>::value) {
       if (int8 && !portable && int8_available()) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
     }
