@@ -98,9 +98,10 @@ def met(target: Target, value: float) -> bool:
     return value <= target.threshold if target.kind == "max" else value >= target.threshold
 
 
-def targets_table(rows: list[tuple[str, dict[Target, float]]]) -> list[str]:
+def targets_table(rows: list[tuple[str, dict[Target, float]]], concurrency: int = 16) -> list[str]:
     """One row per model x format, one column per target: the ratio and whether it is met."""
-    lines = ["| model | " + " | ".join(t.text for t in TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+    texts = [t.text.replace("concurrency 16", f"concurrency {concurrency}") for t in TARGETS]
+    lines = ["| model | " + " | ".join(texts) + " |", "|---|" + "---|" * len(TARGETS)]
     for label, ratios in rows:
         cells = [f"{_num(ratios[t], 2)}x {'met' if met(t, ratios[t]) else '**missed**'}" for t in TARGETS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -207,7 +208,8 @@ def write(docs: Path, runs: list[ModelRun], bandwidth_gbs: float, env: list[str]
              "## Command", "", "```bash", command, "```", "", workload_text(config), "",
              "## Targets", "", "Ratios textcomplete / llama-server; the exact mode's figures for the int8 "
              "targets are in each model's table.", "",
-             *targets_table([(r.model.label, target_ratios(figures[r.model.label])) for r in complete]), ""]
+             *targets_table([(r.model.label, target_ratios(figures[r.model.label])) for r in complete],
+                            16 if 16 in config.concurrency else top), ""]
     for r in complete:
         lines += [f"## {r.model.label}", "", *figures_table(figures[r.model.label],
                                                               16 if level(r.runs[OURS].results, 16) else top), ""]
