@@ -102,25 +102,41 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 INT8_FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+# Formats whose narrow products (decode steps) multiply 8-bit x in registers too; the others stay exact there.
+INT8_NARROW_FORMATS = {"Q4_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("name", INT8_FORMATS)
 def test_8_bit_activations_are_exact_on_the_rounded_activations(native, name):
-    """Products wider than the direct path compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32):
-    only the rounding of x differs from the float32 product. Narrower ones stay on the exact float32 path."""
+    """8-bit products compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32): only the rounding
+    of x differs from the float32 product. Wide products of every format with codes take them, narrow ones
+    those of INT8_NARROW_FORMATS; the rest stay on the exact float32 path."""
     fmt = by_name(name)
     assert native.int8_available(), "this CPU has AVX-512 VNNI: the 8-bit products must be built"
     for m, n, k, raw, x in cases(fmt, seed=2):
         rounded = Oracle(int8_activations(x), raw, fmt, k)
         for direct_rows in (0, DIRECT_ROWS):
             y = native.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
-            if m <= direct_rows:
+            if m <= direct_rows and name not in INT8_NARROW_FORMATS:
                 assert_matches_oracle(y, x, raw, fmt, k)
                 continue
             bound = rounded.bound + 1e-6 * rounded.exact.abs().max()
             worst = ((y.double() - rounded.exact).abs() / bound).max()
             assert worst <= 1.0, f"{name} m={m} n={n} k={k}: error {worst:.3g} x the bound"
             assert not torch.equal(y, matmul(x, raw, fmt, k))   # x8 is a coarse copy of x
+
+
+def test_narrow_8_bit_products_equal_the_wide_ones(native):
+    """The in-register narrow kernels and the tiled wide ones compute the same rounded product."""
+    for name in sorted(INT8_NARROW_FORMATS):
+        fmt = by_name(name)
+        k, n = 256 * 3, 37
+        raw = torch.from_numpy(random_blocks(fmt, n, k, seed=5))
+        for m in (1, 2, 3, 5, DIRECT_ROWS):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            narrow = native.matmul(x, raw, fmt.type_id, k, DIRECT_ROWS, False, True)
+            wide = native.matmul(x, raw, fmt.type_id, k, 0, False, True)
+            torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
 
 
 def test_every_thread_count_gives_the_same_answer(native):

@@ -91,8 +91,8 @@ def test_safetensors_matrices_run_in_their_stored_dtype(tiny_llama_256, tmp_path
 
 
 def test_int8_activations_move_logprobs_a_little(tiny_llama_256, tmp_path):
-    """--activations int8 rounds the activations of wide products (this prompt's prefill) to 8 bits: the
-    prompt's log-probabilities, and the decode steps that read its keys, move by that rounding, not more."""
+    """--activations int8 rounds the activations to 8 bits (on Q4_K in the prompt's prefill and in the decode
+    steps): the log-probabilities of the prompt and of the generated tokens move by that rounding, not more."""
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, QType.Q4_K)
     exact, fast = make_engine(path, 64), make_engine(path, 64, activations="int8")

@@ -64,7 +64,7 @@ class LLMEngine:
             device, dtype = resolve_device_and_dtype(config)
             loaded = load_model(config.model, dtype, device, stored=config.stored_weights)
         if config.activations == "int8":
-            log.info("8-bit activations in the wide products of %d stored linear layers",
+            log.info("8-bit activations in the products of %d stored linear layers",
                      use_int8_activations(loaded.model))
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer

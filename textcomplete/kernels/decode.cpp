@@ -42,7 +42,7 @@ using Projection = std::vector<Part>;
 struct Shape {
   int64_t heads, kv_heads, head_dim, rotary_dim, direct_rows;
   double eps;
-  bool qk_norm, int8;   // int8: wide products quantize activations to 8 bits (quant/int8.h)
+  bool qk_norm, int8;   // int8: products quantize activations to 8 bits where the format allows (quant/int8.h)
 };
 
 at::Tensor part_product(const at::Tensor& x, const Part& p, const Shape& s) {

@@ -23,7 +23,7 @@ class StoredLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"a linear layer needs a matrix, not a {weight.shape} tensor")
         self.stored = weight
-        self.int8 = False   # wide products quantize activations to 8 bits (use_int8_activations)
+        self.int8 = False   # products quantize activations to 8 bits (use_int8_activations)
         self.in_features, self.out_features = weight.k, weight.shape[0]
         # The bias, if any, is an ordinary parameter: the checkpoint's value is assigned like any other.
         self.bias = nn.Parameter(torch.empty(self.out_features, device="meta"), requires_grad=False) if bias else None
@@ -43,7 +43,8 @@ class StoredLinear(nn.Module):
 
 def use_int8_activations(model: nn.Module) -> int:
     """Let every stored linear layer of `model` whose format has integer codes quantize the activations of
-    wide products (prefill chunks, large batches) to 8 bits; returns how many do. Steps of few rows stay exact."""
+    products to 8 bits; returns how many do. Steps of few rows stay exact except on Q4_K and Q6_K weights,
+    whose float32 decode is slower than the memory (see textcomplete.quant.matmul)."""
     layers = [m for m in model.modules() if isinstance(m, StoredLinear) and int8_supported(m.stored.fmt)]
     for layer in layers:
         layer.int8 = True

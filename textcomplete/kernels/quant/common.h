@@ -3,6 +3,8 @@
 // A format is a struct with kType (its GGML type id), kBlock (values per block as the kernels walk it),
 // kBytes (bytes per block) and two decoders of one block: into floats (portable; also the tests' oracle)
 // and, with AVX-512, into kBlock / 16 vectors. Blocks sit at any byte offset: every load is unaligned.
+// Formats with integer codes add kGroup and codes() for the 8-bit-activation products (int8.h), and may add
+// dot_int8, which multiplies one block by rows of 8-bit x straight from its bytes (narrow products).
 #pragma once
 
 #include <c10/util/Half.h>
@@ -15,6 +17,10 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define TCQ_AVX512 1
 #include <immintrin.h>
+#endif
+// The 8-bit-activation products (int8.h and the formats' dot_int8) need VNNI as well.
+#if defined(TCQ_AVX512) && defined(__AVX512VNNI__)
+#define TCQ_VNNI 1
 #endif
 
 namespace tcq {
@@ -84,6 +90,15 @@ inline __m512i bit_to_fifth(__m512i bits, int first) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return _mm512_rorv_epi32(bits, _mm512_and_si512(_mm512_add_epi32(lanes, _mm512_set1_epi32(first + 28)),
                                                   _mm512_set1_epi32(31)));
+}
+
+// Lanes 0-15 of `v` spread so that lane i of the result is lane first + i / width of v (width 4 or 8): the
+// per-group factors of a block laid out under the 16 sums of one vpdpbusd.
+inline __m512 spread_lanes(__m512 v, int first, int width) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                         _mm512_srli_epi32(lanes, width == 8 ? 3 : 2));
+  return _mm512_permutexvar_ps(index, v);
 }
 #endif
 

@@ -1,4 +1,6 @@
-// Products with 8-bit activations: the faster, inexact mode for steps of many rows (prefill, wide batches).
+// Products with 8-bit activations: the faster, inexact mode. This file holds the quantization of x and the
+// tiled path for steps of many rows (prefill, wide batches); narrow products of the formats that have one
+// use their in-register kernel (F::dot_int8, driven by direct_int8 in matmul.h).
 //
 // Each row of x is quantized in blocks of 32 to int8 with a float32 scale per block (d = max|x| / 127). A
 // weight block gives unsigned integer codes with a float scale and offset per group of kGroup values
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace tcq {
 
@@ -30,9 +33,11 @@ struct HasCodes : std::false_type {};
 template <class F>
 struct HasCodes<F, std::void_t<decltype(F::kGroup)>> : std::true_type {};
 
-#if defined(TCQ_AVX512) && defined(__AVX512VNNI__)
-#define TCQ_VNNI 1
-#endif
+// Whether format F multiplies its blocks by 8-bit x in registers (dot_int8: narrow products).
+template <class F, class = void>
+struct HasInt8Direct : std::false_type {};
+template <class F>
+struct HasInt8Direct<F, std::void_t<decltype(&F::template dot_int8<1>)>> : std::true_type {};
 
 inline bool int8_available() {
 #ifdef TCQ_VNNI
@@ -203,7 +208,7 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
   float* yp = y.data_ptr<float>();
   y.zero_();
   const int64_t chunk = std::min(k, std::max<int64_t>(F::kBlock, kInt8ChunkValues / F::kBlock * F::kBlock));
-  at::parallel_for(0, (n + kInt8TileRows - 1) / kInt8TileRows, 1, [&](int64_t t0, int64_t t1) {
+  parallel_pieces((n + kInt8TileRows - 1) / kInt8TileRows, 1, 1, [&](int64_t t0, int64_t t1) {
     static thread_local Int8Tile tile;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t first = t * kInt8TileRows, count = std::min(kInt8TileRows, n - first);

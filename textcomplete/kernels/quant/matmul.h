@@ -7,7 +7,9 @@
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x with ATen's matmul, run single-threaded inside the parallel
 //    loop; each tile writes its own columns of y.
-//  - with `int8`, wide products of formats with integer codes quantize x to 8 bits instead (int8.h).
+//  - with `int8`, x is quantized to 8 bits instead (int8.h): wide products of every format with integer
+//    codes take tiles of them, narrow ones of the formats with an in-register kernel (F::dot_int8) read the
+//    blocks directly, like the float32 direct path.
 // All parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
 // (see quant/common.h); `portable` forces its scalar decoder, which non-AVX-512 machines always use.
 //
@@ -41,6 +43,7 @@
 #include "q6_k.h"
 #include "q8_0.h"
 #include "int8.h"
+#include "parallel.h"
 
 namespace tcq {
 
@@ -188,42 +191,96 @@ void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y
   dot_portable<F, R>(w, x, ldx, k, y, ldy);
 }
 
-// Direct path: each weight byte is read from memory once. A thread takes its weight rows a few at a time and
-// walks K in chunks small enough that the chunk of every row of x stays in L1 while those weight rows pass
-// it; rows of x go in groups of up to four per decoded block.
-template <class F>
-void direct(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t m = x.size(0);
-  const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
-  y.zero_();
+// The direct paths' loop: each weight byte is read from memory once. A thread takes its weight rows a few
+// at a time and walks K in chunks of `chunk` values, small enough that the chunk of every row of x stays in
+// L1 while those weight rows pass it; rows(j, k0, width, r, count) multiplies weight row j's values
+// [k0, k0 + width) into rows r..r + count of x (count <= kRowGroup).
+template <class Rows>
+void direct_loop(int64_t m, int64_t n, int64_t k, int64_t chunk, const Rows& rows) {
   // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
   // weights per thread. Measured on SmolLM2-135M's decode (matrices of 0.1-0.9M weights): 2^16 takes the
   // native layers from 13.2 to 8.1 ms a token against 2^20 (one thread for every matrix); 2^14 and 2^17 are
   // slower again.
   const int64_t grain = std::max<int64_t>(kDirectGrain, (kParallelValues + k - 1) / k);
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+  parallel_pieces(n, piece_size(n, kPassRows), grain, [&](int64_t n0, int64_t n1) {
     for (int64_t j0 = n0; j0 < n1; j0 += kPassRows) {
       const int64_t j1 = std::min(n1, j0 + kPassRows);
       for (int64_t k0 = 0; k0 < k; k0 += chunk) {
         const int64_t width = std::min(chunk, k - k0);
         for (int64_t j = j0; j < j1; ++j) {
-          const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
-          for (int64_t r = 0; r < m; r += kRowGroup) {
-            const float* xr = xp + r * k + k0;
-            float* yr = yp + r * n + j;
-            switch (std::min(kRowGroup, m - r)) {
-              case 1: dot_rows<F, 1>(piece, xr, k, width, yr, n, portable); break;
-              case 2: dot_rows<F, 2>(piece, xr, k, width, yr, n, portable); break;
-              case 3: dot_rows<F, 3>(piece, xr, k, width, yr, n, portable); break;
-              default: dot_rows<F, 4>(piece, xr, k, width, yr, n, portable); break;
-            }
-          }
+          for (int64_t r = 0; r < m; r += kRowGroup) rows(j, k0, width, r, std::min(kRowGroup, m - r));
         }
       }
     }
   });
+}
+
+// Direct path with float32 x, rows of x in groups of up to four per decoded block.
+template <class F>
+void direct(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t m = x.size(0);
+  y.zero_();
+  const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
+  direct_loop(m, n, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
+    const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
+    const float* xr = xp + r * k + k0;
+    float* yr = yp + r * n + j;
+    switch (count) {
+      case 1: dot_rows<F, 1>(piece, xr, k, width, yr, n, portable); break;
+      case 2: dot_rows<F, 2>(piece, xr, k, width, yr, n, portable); break;
+      case 3: dot_rows<F, 3>(piece, xr, k, width, yr, n, portable); break;
+      default: dot_rows<F, 4>(piece, xr, k, width, yr, n, portable); break;
+    }
+  });
+}
+
+#ifdef TCQ_VNNI
+// y[r * ldy] += R rows of 8-bit x times `width` values of a weight row, block by block (F::dot_int8).
+template <class F, int R>
+void dot_int8_rows(const uint8_t* w, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                   int64_t width, float* y, int64_t ldy) {
+  constexpr int64_t G = F::kGroup;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < width / F::kBlock; ++b) {
+    F::template dot_int8<R>(w + b * F::kBytes, q + b * F::kBlock, ldq, dx + b * F::kBlock / G,
+                            xs + b * F::kBlock / G, ldg, acc);
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] += _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+// Direct path with x quantized to 8 bits (int8.h), for formats with an in-register 8-bit kernel.
+template <class F>
+void direct_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
+#ifdef TCQ_VNNI
+  constexpr int64_t G = F::kGroup;
+  TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
+  const int64_t m = x.size(0), ldg = k / G;
+  std::vector<int8_t> q(static_cast<size_t>(m * k));
+  std::vector<float> dx(static_cast<size_t>(m * ldg)), xs(dx.size());
+  quantize_rows(x.data_ptr<float>(), m, k, G, q.data(), dx.data(), xs.data());
+  float* yp = y.data_ptr<float>();
+  y.zero_();
+  const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (m * F::kBlock)) * F::kBlock;
+  direct_loop(m, n, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
+    const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
+    const int8_t* qr = q.data() + r * k + k0;
+    const float* dr = dx.data() + r * ldg + k0 / G;
+    const float* sr = xs.data() + r * ldg + k0 / G;
+    float* yr = yp + r * n + j;
+    switch (count) {
+      case 1: dot_int8_rows<F, 1>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
+      case 2: dot_int8_rows<F, 2>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
+      case 3: dot_int8_rows<F, 3>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
+      default: dot_int8_rows<F, 4>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
+    }
+  });
+#else
+  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI");
+#endif
 }
 
 // While alive, BLAS calls from this thread run on it alone. Torch turns off MKL's dynamic team sizing (so
@@ -259,12 +316,13 @@ void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_
     }
   }
   const int64_t threads = at::get_num_threads();
-  const int64_t rows = std::min(kTileRows, ((n + threads - 1) / threads + 15) / 16 * 16);
+  // At least two tiles a thread, so that a thread that finishes early takes over part of a slower one's.
+  const int64_t rows = std::min(kTileRows, ((n + 2 * threads - 1) / (2 * threads) + 15) / 16 * 16);
   const int64_t cols = std::min(k, std::max<int64_t>(F::kBlock, kTileCols / F::kBlock * F::kBlock));
   // Inference mode is per thread: the pool's threads take the caller's, or ATen refuses to write into an
   // inference tensor (the engine's steps run under torch.inference_mode).
   const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+  parallel_pieces((n + rows - 1) / rows, 1, 1, [&](int64_t t0, int64_t t1) {
     const c10::InferenceMode mode(inference);
     const OneBlasThread one_blas_thread;
     // Kept between calls: a fresh buffer this size is a fresh mapping, and faulting its pages in costs
@@ -311,10 +369,14 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t typ
     y = at::empty({x.size(0), n}, x.options());
     if (x.size(0) == 0 || n == 0) return;
     const uint8_t* w = raw.data_ptr<uint8_t>();
-    if (x.size(0) <= direct_rows) return direct<F>(x, w, raw.stride(0), n, k, y, portable);
+    const bool narrow = x.size(0) <= direct_rows;
     if constexpr (HasCodes<F>::value) {
-      if (int8 && !portable && int8_available()) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
+      if (int8 && !portable && int8_available()) {
+        if (!narrow) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
+        if constexpr (HasInt8Direct<F>::value) return direct_int8<F>(x, w, raw.stride(0), n, k, y);
+      }
     }
+    if (narrow) return direct<F>(x, w, raw.stride(0), n, k, y, portable);
     tiled<F>(x, w, raw.stride(0), n, k, y, portable);
   });
   return y;

@@ -76,6 +76,36 @@ struct Q6_K {
     }
   }
 #endif
+#ifdef TCQ_VNNI
+  // acc[r] += this block times rows r < R of 8-bit x (see Q4_K::dot_int8; groups of 16 here). The unsigned
+  // six-bit codes, 64 per vector in value order as decode() builds them, go to vpdpbusd; the bias of 32 is
+  // the offset -32 * d * scale_g, taken with x's group sums.
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m512* acc) {
+    const __m512 scale = _mm512_mul_ps(widen_i8_ps(b + 192), _mm512_set1_ps(half_at(b + 208)));   // d * scale_g
+    const __m512i nibble = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30);
+    __m512i codes[4];
+    for (int h = 0; h < 2; ++h) {
+      const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+      const __m512i up01 = _mm512_and_si512(_mm512_sllv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2)), top);
+      const __m512i up23 = _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), top);
+      codes[2 * h] = _mm512_ternarylogic_epi32(ql, up01, nibble, 0xE4);
+      codes[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), up23, nibble, 0xE4);
+    }
+    const __m512 bias = _mm512_mul_ps(scale, _mm512_set1_ps(-32.f));
+    for (int r = 0; r < R; ++r) {
+      const __m512 scales = _mm512_mul_ps(scale, _mm512_loadu_ps(dx + r * ldg));
+      for (int c = 0; c < 4; ++c) {
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c],
+                                                 _mm512_loadu_si512(q + r * ldq + 64 * c));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), spread_lanes(scales, 4 * c, 4), acc[r]);
+      }
+      acc[r] = _mm512_fmadd_ps(bias, _mm512_loadu_ps(xs + r * ldg), acc[r]);
+    }
+  }
+#endif
 };
 
 }  // namespace tcq
