@@ -76,6 +76,25 @@ inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, i
   });
 }
 
+// x [m, k] quantized for groups of `group` values: codes q [m][k], per group the scale dx and the scaled code
+// sum xs ([m][k / group] each; see quantize_rows).
+struct QuantizedRows {
+  int64_t k, ldg;
+  std::vector<int8_t> q;
+  std::vector<float> dx, xs;
+
+  QuantizedRows(const at::Tensor& x, int64_t group)
+      : k(x.size(1)), ldg(x.size(1) / group), q(static_cast<size_t>(x.size(0) * x.size(1))),
+        dx(static_cast<size_t>(x.size(0) * ldg)), xs(dx.size()) {
+    TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
+    quantize_rows(x.data_ptr<float>(), x.size(0), k, group, q.data(), dx.data(), xs.data());
+  }
+  // Row r from value k0 on (k0 a multiple of the group).
+  const int8_t* codes(int64_t r, int64_t k0) const { return q.data() + r * k + k0; }
+  const float* scales(int64_t r, int64_t k0, int64_t group) const { return dx.data() + r * ldg + k0 / group; }
+  const float* sums(int64_t r, int64_t k0, int64_t group) const { return xs.data() + r * ldg + k0 / group; }
+};
+
 #ifdef TCQ_VNNI
 // 16 rows of 16 dwords each (rows `in[i]`) transposed: out[j] holds dword j of every row.
 inline void transpose16(const __m512i* in, __m512i* out) {
@@ -200,11 +219,8 @@ template <class F>
 void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
 #ifdef TCQ_VNNI
   constexpr int64_t G = F::kGroup;
-  TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
-  const int64_t m = x.size(0), ldg = k / G;
-  std::vector<int8_t> q(static_cast<size_t>(m * k));
-  std::vector<float> dx(static_cast<size_t>(m * ldg)), xs(dx.size());
-  quantize_rows(x.data_ptr<float>(), m, k, G, q.data(), dx.data(), xs.data());
+  const QuantizedRows xq(x, G);
+  const int64_t m = x.size(0), ldg = xq.ldg;
   float* yp = y.data_ptr<float>();
   y.zero_();
   const int64_t chunk = std::min(k, std::max<int64_t>(F::kBlock, kInt8ChunkValues / F::kBlock * F::kBlock));
@@ -222,9 +238,9 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
           const float* scale = tile.scale.data() + p * groups * kPanel;
           const float* offset = tile.offset.data() + p * groups * kPanel;
           for (int64_t r = 0; r < m; r += kRowBlock) {
-            const int8_t* qr = q.data() + r * k + k0;
-            const float* dr = dx.data() + r * ldg + k0 / G;
-            const float* sr = xs.data() + r * ldg + k0 / G;
+            const int8_t* qr = xq.codes(r, k0);
+            const float* dr = xq.scales(r, k0, G);
+            const float* sr = xq.sums(r, k0, G);
             float* yr = yp + r * n + first + p * kPanel;
             switch (std::min<int64_t>(kRowBlock, m - r)) {
               case 1: panel_product<1, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;

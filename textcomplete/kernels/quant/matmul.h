@@ -257,19 +257,16 @@ template <class F>
 void direct_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
 #ifdef TCQ_VNNI
   constexpr int64_t G = F::kGroup;
-  TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
-  const int64_t m = x.size(0), ldg = k / G;
-  std::vector<int8_t> q(static_cast<size_t>(m * k));
-  std::vector<float> dx(static_cast<size_t>(m * ldg)), xs(dx.size());
-  quantize_rows(x.data_ptr<float>(), m, k, G, q.data(), dx.data(), xs.data());
+  const QuantizedRows xq(x, G);
+  const int64_t m = x.size(0), ldg = xq.ldg;
   float* yp = y.data_ptr<float>();
   y.zero_();
   const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (m * F::kBlock)) * F::kBlock;
   direct_loop(m, n, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
-    const int8_t* qr = q.data() + r * k + k0;
-    const float* dr = dx.data() + r * ldg + k0 / G;
-    const float* sr = xs.data() + r * ldg + k0 / G;
+    const int8_t* qr = xq.codes(r, k0);
+    const float* dr = xq.scales(r, k0, G);
+    const float* sr = xq.sums(r, k0, G);
     float* yr = yp + r * n + j;
     switch (count) {
       case 1: dot_int8_rows<F, 1>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
