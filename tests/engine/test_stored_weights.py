@@ -175,9 +175,9 @@ def test_a_100_mb_gguf_costs_about_its_size_in_memory(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    # The bound, plus 32 MB for what a first run adds whatever the model (per-thread scratch, activations);
-    # float32 copies of this file would add about 700 MB.
-    budget = (file_size + kv) * 1.15 + (32 << 20)
+    # File + KV + 15% (measured: 7 MB after loading, 123 MB after running, of a 138 MB budget); float32 copies
+    # of this file would add about 700 MB.
+    budget = (file_size + kv) * 1.15
     grew_loading = figures["loaded"]["VmHWM"] - figures["before"]["VmRSS"]
     grew_running = figures["ran"]["VmHWM"] - figures["before"]["VmRSS"]
     assert grew_loading <= budget, (grew_loading, file_size)
