@@ -139,6 +139,24 @@ def test_narrow_8_bit_products_equal_the_wide_ones(native):
             torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
 
 
+def test_a_product_of_several_matrices_in_one_pass_matches_each(native):
+    """The decode layers run a projection's matrices (q, k, v of other formats, as a Q4_K_M file keeps them)
+    as one product: its columns are each matrix's product, exact and in 8 bits alike."""
+    k = 512
+    fmts = [by_name(name) for name in ("Q4_K", "Q6_K", "Q8_0")]
+    raws = [torch.from_numpy(random_blocks(f, n, k, seed=n)) for f, n in zip(fmts, (37, 16, 21))]
+    for m in (1, 3, DIRECT_ROWS):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        for int8 in (False, True):
+            y = native.matmul_parts(x, raws, [f.type_id for f in fmts], False, int8)
+            each = torch.cat([native.matmul(x, r, f.type_id, k, DIRECT_ROWS, False, int8)
+                              for f, r in zip(fmts, raws)], dim=1)
+            assert torch.equal(y, each)
+            if not int8:
+                Oracle(x, raws[0], fmts[0], k).check(y[:, :37])
+                Oracle(x, raws[1], fmts[1], k).check(y[:, 37:53])
+
+
 def test_every_thread_count_gives_the_same_answer(native):
     """Exactly for the direct path (each output is one thread's sum); within the bound for the tiled one,
     whose matmul library may pick other kernels when it runs inside a parallel region."""

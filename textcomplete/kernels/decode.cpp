@@ -24,6 +24,7 @@
 
 #include "quant/matmul.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -57,8 +58,26 @@ at::Tensor part_product(const at::Tensor& x, const Part& p, const Shape& s) {
   return y;
 }
 
-// y = x @ W.T (+ b), W the parts of the projection one above the other.
+// y = x @ W.T (+ b), W the parts of the projection one above the other. A narrow product of stored parts
+// runs as one (one parallel region, each part's outputs written in place).
 at::Tensor linear(const at::Tensor& x, const Projection& parts, const Shape& s) {
+  const bool stored = std::all_of(parts.begin(), parts.end(), [](const Part& p) { return p.raw.numel() > 0; });
+  if (parts.size() > 1 && stored && x.size(0) <= s.direct_rows) {
+    std::vector<tcq::StoredPart> matrices;
+    for (const Part& p : parts) matrices.push_back(tcq::StoredPart{p.raw, p.type});
+    at::Tensor y = tcq::direct_parts(x, matrices, false, s.int8);
+    int64_t first = 0;
+    for (const Part& p : parts) {
+      const int64_t rows = p.raw.size(0);
+      if (p.row_order.numel() > 0 || p.bias.numel() > 0) {
+        at::Tensor out = y.narrow(1, first, rows);
+        if (p.row_order.numel() > 0) out.copy_(out.index_select(1, p.row_order));
+        if (p.bias.numel() > 0) out.add_(p.bias);
+      }
+      first += rows;
+    }
+    return y;
+  }
   if (parts.size() == 1) return part_product(x, parts[0], s);
   std::vector<at::Tensor> outputs;
   outputs.reserve(parts.size());

@@ -5,6 +5,18 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &tcq::matmul, "y[M, N] = x[M, K] @ dequantize(raw[N, row_bytes]).T", py::arg("x"), py::arg("raw"),
         py::arg("type_id"), py::arg("k"), py::arg("direct_rows"), py::arg("portable"), py::arg("int8") = false);
+  m.def(
+      "matmul_parts",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& raws, const std::vector<int64_t>& types, bool portable,
+         bool int8) {
+        TORCH_CHECK(raws.size() == types.size() && !raws.empty(), "matmul_parts: one type per matrix");
+        TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "matmul_parts: x float32 [M, K]");
+        std::vector<tcq::StoredPart> parts;
+        for (size_t i = 0; i < raws.size(); ++i) parts.push_back(tcq::StoredPart{raws[i], types[i]});
+        return tcq::direct_parts(x, parts, portable, int8);
+      },
+      "y[M, sum N_i] = x @ [W_0; W_1; ...].T by the direct path in one parallel region", py::arg("x"), py::arg("raws"),
+      py::arg("types"), py::arg("portable"), py::arg("int8") = false);
   m.def("int8_available", &tcq::int8_available, "whether the 8-bit-activation products were compiled in (VNNI)");
   m.def("dequantize", &tcq::dequantize, "raw[N, row_bytes] -> float32 [N, K]", py::arg("raw"), py::arg("type_id"),
         py::arg("k"), py::arg("portable"));

@@ -191,47 +191,38 @@ void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y
   dot_portable<F, R>(w, x, ldx, k, y, ldy);
 }
 
-// The direct paths' loop: each weight byte is read from memory once. A thread takes its weight rows a few
-// at a time and walks K in chunks of `chunk` values, small enough that the chunk of every row of x stays in
+// The direct paths' loop over weight rows [n0, n1): each weight byte is read from memory once. The rows go
+// a few at a time, and K in chunks of `chunk` values, small enough that the chunk of every row of x stays in
 // L1 while those weight rows pass it; rows(j, k0, width, r, count) multiplies weight row j's values
 // [k0, k0 + width) into rows r..r + count of x (count <= kRowGroup).
 template <class Rows>
-void direct_loop(int64_t m, int64_t n, int64_t k, int64_t chunk, const Rows& rows) {
-  // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
-  // weights per thread. Measured on SmolLM2-135M's decode (matrices of 0.1-0.9M weights): 2^16 takes the
-  // native layers from 13.2 to 8.1 ms a token against 2^20 (one thread for every matrix); 2^14 and 2^17 are
-  // slower again.
-  const int64_t grain = std::max<int64_t>(kDirectGrain, (kParallelValues + k - 1) / k);
-  parallel_pieces(n, piece_size(n, kPassRows), grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t j0 = n0; j0 < n1; j0 += kPassRows) {
-      const int64_t j1 = std::min(n1, j0 + kPassRows);
-      for (int64_t k0 = 0; k0 < k; k0 += chunk) {
-        const int64_t width = std::min(chunk, k - k0);
-        for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t r = 0; r < m; r += kRowGroup) rows(j, k0, width, r, std::min(kRowGroup, m - r));
-        }
+void direct_loop(int64_t m, int64_t n0, int64_t n1, int64_t k, int64_t chunk, const Rows& rows) {
+  for (int64_t j0 = n0; j0 < n1; j0 += kPassRows) {
+    const int64_t j1 = std::min(n1, j0 + kPassRows);
+    for (int64_t k0 = 0; k0 < k; k0 += chunk) {
+      const int64_t width = std::min(chunk, k - k0);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t r = 0; r < m; r += kRowGroup) rows(j, k0, width, r, std::min(kRowGroup, m - r));
       }
     }
-  });
+  }
 }
 
-// Direct path with float32 x, rows of x in groups of up to four per decoded block.
+// Weight rows [n0, n1) of one matrix times float32 x [m, k], added to y (row stride ldy): rows of x in groups
+// of up to four per decoded block.
 template <class F>
-void direct(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t m = x.size(0);
-  y.zero_();
+void direct_range(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n0, int64_t n1,
+                  float* yp, int64_t ldy, bool portable) {
   const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
-  direct_loop(m, n, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
+  direct_loop(m, n0, n1, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
     const float* xr = xp + r * k + k0;
-    float* yr = yp + r * n + j;
+    float* yr = yp + r * ldy + j;
     switch (count) {
-      case 1: dot_rows<F, 1>(piece, xr, k, width, yr, n, portable); break;
-      case 2: dot_rows<F, 2>(piece, xr, k, width, yr, n, portable); break;
-      case 3: dot_rows<F, 3>(piece, xr, k, width, yr, n, portable); break;
-      default: dot_rows<F, 4>(piece, xr, k, width, yr, n, portable); break;
+      case 1: dot_rows<F, 1>(piece, xr, k, width, yr, ldy, portable); break;
+      case 2: dot_rows<F, 2>(piece, xr, k, width, yr, ldy, portable); break;
+      case 3: dot_rows<F, 3>(piece, xr, k, width, yr, ldy, portable); break;
+      default: dot_rows<F, 4>(piece, xr, k, width, yr, ldy, portable); break;
     }
   });
 }
@@ -250,34 +241,92 @@ void dot_int8_rows(const uint8_t* w, const int8_t* q, int64_t ldq, const float* 
   }
   for (int r = 0; r < R; ++r) y[r * ldy] += _mm512_reduce_add_ps(acc[r]);
 }
-#endif
 
-// Direct path with x quantized to 8 bits (int8.h), for formats with an in-register 8-bit kernel.
+// direct_range with x quantized to 8 bits (int8.h), for formats with an in-register 8-bit kernel.
 template <class F>
-void direct_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
-#ifdef TCQ_VNNI
+void direct_int8_range(const QuantizedRows& xq, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n0,
+                       int64_t n1, float* yp, int64_t ldy) {
   constexpr int64_t G = F::kGroup;
-  const QuantizedRows xq(x, G);
-  const int64_t m = x.size(0), ldg = xq.ldg;
-  float* yp = y.data_ptr<float>();
-  y.zero_();
   const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (m * F::kBlock)) * F::kBlock;
-  direct_loop(m, n, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
+  direct_loop(m, n0, n1, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
     const int8_t* qr = xq.codes(r, k0);
     const float* dr = xq.scales(r, k0, G);
     const float* sr = xq.sums(r, k0, G);
-    float* yr = yp + r * n + j;
+    float* yr = yp + r * ldy + j;
     switch (count) {
-      case 1: dot_int8_rows<F, 1>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
-      case 2: dot_int8_rows<F, 2>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
-      case 3: dot_int8_rows<F, 3>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
-      default: dot_int8_rows<F, 4>(piece, qr, k, dr, sr, ldg, width, yr, n); break;
+      case 1: dot_int8_rows<F, 1>(piece, qr, k, dr, sr, xq.ldg, width, yr, ldy); break;
+      case 2: dot_int8_rows<F, 2>(piece, qr, k, dr, sr, xq.ldg, width, yr, ldy); break;
+      case 3: dot_int8_rows<F, 3>(piece, qr, k, dr, sr, xq.ldg, width, yr, ldy); break;
+      default: dot_int8_rows<F, 4>(piece, qr, k, dr, sr, xq.ldg, width, yr, ldy); break;
     }
   });
-#else
-  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI");
+}
 #endif
+
+// One stored matrix of a product whose output is its matrices' outputs side by side.
+struct StoredPart {
+  at::Tensor raw;   // uint8 [n, row_bytes]
+  int64_t type;     // its GGML type
+};
+
+inline void check_inputs(const at::Tensor& raw, int64_t k, int64_t bytes);
+
+// Direct path: y [m, sum of the parts' rows] = x @ [W_0; W_1; ...].T in one parallel region, each weight byte
+// read once; with `int8`, the formats with an in-register 8-bit kernel quantize x (once per group size).
+inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart>& parts, bool portable, bool int8) {
+  const int64_t m = x.size(0), k = x.size(1);
+  std::vector<int64_t> first{0};
+  for (const StoredPart& p : parts) {
+    with_format(Formats{}, p.type, [&](auto f) { check_inputs(p.raw, k, row_bytes<decltype(f)>(k)); });
+    first.push_back(first.back() + p.raw.size(0));
+  }
+  const int64_t n = first.back();
+  at::Tensor y = at::zeros({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  const bool quantize = int8 && !portable && int8_available();
+  // x in 8 bits for each group size a part needs (16 or 32), made before the threads start.
+  std::vector<std::pair<int64_t, QuantizedRows>> quantized;
+  auto quantized_for = [&](int64_t group) -> const QuantizedRows& {
+    for (const auto& q : quantized) if (q.first == group) return q.second;
+    TORCH_CHECK(false, "quant_matmul: x was not quantized for groups of ", group);
+  };
+  if (quantize) {
+    for (const StoredPart& p : parts) {
+      with_format(Formats{}, p.type, [&](auto f) {
+        using F = decltype(f);
+        if constexpr (HasInt8Direct<F>::value) {
+          const bool have = std::any_of(quantized.begin(), quantized.end(), [](const auto& q) { return q.first == F::kGroup; });
+          if (!have) quantized.emplace_back(F::kGroup, QuantizedRows(x, F::kGroup));
+        }
+      });
+    }
+  }
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
+  // weights per thread. Measured on SmolLM2-135M's decode (matrices of 0.1-0.9M weights): 2^16 takes the
+  // native layers from 13.2 to 8.1 ms a token against 2^20 (one thread for every matrix); 2^14 and 2^17 are
+  // slower again.
+  const int64_t grain = std::max<int64_t>(kDirectGrain, (kParallelValues + k - 1) / k);
+  parallel_pieces(n, piece_size(n, kPassRows), grain, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
+      if (lo >= hi) continue;
+      const uint8_t* w = parts[i].raw.data_ptr<uint8_t>();
+      const int64_t ldw = parts[i].raw.stride(0);
+      with_format(Formats{}, parts[i].type, [&](auto f) {
+        using F = decltype(f);
+#ifdef TCQ_VNNI
+        if constexpr (HasInt8Direct<F>::value) {
+          if (quantize) return direct_int8_range<F>(quantized_for(F::kGroup), m, k, w, ldw, lo, hi, yp + first[i], n);
+        }
+#endif
+        direct_range<F>(xp, m, k, w, ldw, lo, hi, yp + first[i], n, portable);
+      });
+    }
+  });
+  return y;
 }
 
 // While alive, BLAS calls from this thread run on it alone. Torch turns off MKL's dynamic team sizing (so
@@ -358,6 +407,7 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t typ
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k,
               "quant_matmul: x must be float32 [M, ", k, "], got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "quant_matmul: x must be contiguous, got strides ", x.strides());
+  if (x.size(0) <= direct_rows) return direct_parts(x, {StoredPart{raw, type}}, portable, int8);
   at::Tensor y;
   with_format(Formats{}, type, [&](auto f) {
     using F = decltype(f);
@@ -366,14 +416,9 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t typ
     y = at::empty({x.size(0), n}, x.options());
     if (x.size(0) == 0 || n == 0) return;
     const uint8_t* w = raw.data_ptr<uint8_t>();
-    const bool narrow = x.size(0) <= direct_rows;
     if constexpr (HasCodes<F>::value) {
-      if (int8 && !portable && int8_available()) {
-        if (!narrow) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
-        if constexpr (HasInt8Direct<F>::value) return direct_int8<F>(x, w, raw.stride(0), n, k, y);
-      }
+      if (int8 && !portable && int8_available()) return tiled_int8<F>(x, w, raw.stride(0), n, k, y);
     }
-    if (narrow) return direct<F>(x, w, raw.stride(0), n, k, y, portable);
     tiled<F>(x, w, raw.stride(0), n, k, y, portable);
   });
   return y;
