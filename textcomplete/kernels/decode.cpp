@@ -110,6 +110,49 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   }
 }
 
+#ifdef TCQ_AVX512
+// 16 cache elements at p widened to float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {   // bfloat16 is the top half of a float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// q . k over dim values (k of cache type T, widened as it is read).
+template <class T>
+inline float dot_key(const float* q, const T* k, int64_t dim) {
+  int64_t d = 0;
+  float dot = 0.f;
+#ifdef TCQ_AVX512
+  if (dim % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
+  return dot;
+}
+
+// out[0..dim) += p * v (v of cache type T).
+template <class T>
+inline void add_value(float p, const T* v, int64_t dim, float* out) {
+  int64_t d = 0;
+#ifdef TCQ_AVX512
+  if (dim % 16 == 0) {
+    const __m512 weight = _mm512_set1_ps(p);
+    for (; d < dim; d += 16)
+      _mm512_storeu_ps(out + d, _mm512_fmadd_ps(weight, load16(v + d), _mm512_loadu_ps(out + d)));
+    return;
+  }
+#endif
+  for (; d < dim; ++d) out[d] += p * static_cast<float>(v[d]);
+}
+
 // One request's attention for one query head over its keys in the cache (elements of type T: float, or a
 // narrower cache's c10::BFloat16 / c10::Half, widened to float as they are read).
 template <class T>
@@ -119,11 +162,7 @@ void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_ke
   const int64_t value_offset = kv_heads * dim;
   float max_score = -INFINITY;
   for (int64_t j = 0; j < num_keys; ++j) {
-    const T* k = cache + slots[j] * slot_stride + kv_head * dim;
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
-    scores[j] = dot * scale;
+    scores[j] = dot_key(q, cache + slots[j] * slot_stride + kv_head * dim, dim) * scale;
     max_score = std::max(max_score, scores[j]);
   }
   float total = 0.f;
@@ -132,12 +171,8 @@ void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_ke
     total += scores[j];
   }
   for (int64_t d = 0; d < dim; ++d) out[d] = 0.f;
-  for (int64_t j = 0; j < num_keys; ++j) {
-    const float p = scores[j] / total;
-    const T* v = cache + slots[j] * slot_stride + value_offset + kv_head * dim;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] += p * static_cast<float>(v[d]);
-  }
+  for (int64_t j = 0; j < num_keys; ++j)
+    add_value(scores[j] / total, cache + slots[j] * slot_stride + value_offset + kv_head * dim, dim, out);
 }
 
 // Calls fn(T{}) with the element type of a cache tensor.
@@ -311,5 +346,8 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32 activations)");
+  // The GIL is released while the layers run (tens of milliseconds on a large model), so the server's event
+  // loop streams the previous token meanwhile instead of waiting for the engine thread to reach Python.
+  m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32 activations)",
+        py::call_guard<py::gil_scoped_release>());
 }

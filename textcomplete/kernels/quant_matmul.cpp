@@ -1,10 +1,12 @@
-// Python bindings of the block-format products in quant/matmul.h (used by textcomplete.quant).
+// Python bindings of the block-format products in quant/matmul.h (used by textcomplete.quant). The products
+// release the GIL while they run, as torch's own operators do.
 
 #include "quant/matmul.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &tcq::matmul, "y[M, N] = x[M, K] @ dequantize(raw[N, row_bytes]).T", py::arg("x"), py::arg("raw"),
-        py::arg("type_id"), py::arg("k"), py::arg("direct_rows"), py::arg("portable"), py::arg("int8") = false);
+        py::arg("type_id"), py::arg("k"), py::arg("direct_rows"), py::arg("portable"), py::arg("int8") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def(
       "matmul_parts",
       [](const at::Tensor& x, const std::vector<at::Tensor>& raws, const std::vector<int64_t>& types, bool portable,
@@ -16,10 +18,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return tcq::direct_parts(x, parts, portable, int8);
       },
       "y[M, sum N_i] = x @ [W_0; W_1; ...].T by the direct path in one parallel region", py::arg("x"), py::arg("raws"),
-      py::arg("types"), py::arg("portable"), py::arg("int8") = false);
+      py::arg("types"), py::arg("portable"), py::arg("int8") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int8_available", &tcq::int8_available, "whether the 8-bit-activation products were compiled in (VNNI)");
   m.def("dequantize", &tcq::dequantize, "raw[N, row_bytes] -> float32 [N, K]", py::arg("raw"), py::arg("type_id"),
-        py::arg("k"), py::arg("portable"));
+        py::arg("k"), py::arg("portable"), py::call_guard<py::gil_scoped_release>());
   m.def("type_ids", [] { return tcq::type_ids(tcq::Formats{}); }, "the GGML type ids with a native kernel");
   m.def("vectorized", &tcq::vectorized, "whether the AVX-512 decoders were compiled in");
 }
