@@ -14,6 +14,7 @@ import sys
 
 from textcomplete import __version__
 from textcomplete.api.limits import ServerLimits
+from textcomplete.cluster.options import add_cluster_arguments, cluster_options
 from textcomplete.config import EngineConfig, parse_size
 from textcomplete.models.registry import families_text
 
@@ -85,12 +86,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from textcomplete.api.server import build_app, shutting_down
     from textcomplete.api.serving import CompletionService
     from textcomplete.engine.async_engine import AsyncEngine
-    keys = list(args.api_key or [])
-    keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
-    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    config = _engine_config(args)
-    engine = AsyncEngine(config=config)   # built on the engine thread, which alone runs torch
-    names = list(dict.fromkeys([args.served_model_name or config.model, config.model]))
+    _, keys, limits, config, names = _serve_settings(args)
+    engine = _serving_engine(args, config, limits, AsyncEngine)
     service = CompletionService(engine, names, limits)
     service.fault_injection = args.enable_fault_injection
     log = logging.getLogger("textcomplete")
@@ -122,16 +119,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine.fail_all(shutting_down)
 
     app = build_app(service, keys, playground=args.playground)
+    for collector in getattr(engine, "collectors", list)():   # the replicas' own series, on a cluster
+        service.metrics.registry.register(collector)
     if args.playground:
         log.info("playground at http://%s:%d/", args.host, args.port)
+    # The asyncio loop, even where uvloop is installed (ray[serve] brings it): the server's behaviour (its
+    # timeouts, its shutdown) stays the one tested, whatever optional packages are present.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                                   http=protocol_with_header_timeout(limits.request_header_timeout),
+                                   loop="asyncio", http=protocol_with_header_timeout(limits.request_header_timeout),
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     try:
         server.run()   # on SIGTERM/SIGINT: stop accepting, let requests finish up to --shutdown-timeout
     finally:
         engine.shutdown()   # aborts whatever is left
     return 0
+
+
+def _serving_engine(args: argparse.Namespace, config: EngineConfig, limits: ServerLimits, single):
+    """One engine in this process (`single`, i.e. AsyncEngine), or replicas on Ray Serve behind an adaptor."""
+    options = cluster_options(args, limits)
+    if options is None:
+        return single(config=config)   # built on the engine thread, which alone runs torch
+    from textcomplete.cluster import require_ray
+    require_ray()   # before anything is loaded: a clear message naming the extra to install
+    from textcomplete.cluster.launch import start_cluster
+    return start_cluster(config, options)
+
+
+def serve_settings(argv: list[str]):
+    """`textcomplete serve` flags -> (args, API keys, limits, engine config, served model names)."""
+    return _serve_settings(build_parser().parse_args(["serve", *argv]))
+
+
+def _serve_settings(args: argparse.Namespace):
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("TEXTCOMPLETE_API_KEYS", "").split(",") if k.strip()]
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    config = _engine_config(args)
+    return args, keys, limits, config, list(dict.fromkeys([args.served_model_name or config.model, config.model]))
 
 
 def _bench_tokenizer(model: str):
@@ -164,8 +189,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     tokenizer = _bench_tokenizer(args.tokenizer_model)
     gen = LoadGenerator(args.base_url, args.model, api_key=args.api_key)
     chosen = tuple(w.strip().replace("-", "_") for w in args.workloads.split(","))
-    results = workloads.run(gen, tokenizer, config, args.base_url, workloads=chosen)
-    print(workloads.format_results(results))
+    if "prefix_groups" in chosen:   # several shared prefixes: what routing replicas by prefix is for
+        from textcomplete.bench import prefix_groups
+        groups = prefix_groups.PrefixGroupsConfig(
+            groups=args.prefix_groups, requests_per_group=args.requests_per_prefix,
+            prefix_tokens=config.shared_prefix_tokens, concurrency=args.prefix_concurrency)
+        print(prefix_groups.run(args.base_url, args.model, args.api_key, tokenizer, groups).format())
+        chosen = tuple(w for w in chosen if w != "prefix_groups")
+    if chosen:
+        results = workloads.run(gen, tokenizer, config, args.base_url, workloads=chosen)
+        print(workloads.format_results(results))
     return 0
 
 
@@ -393,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "0 for no limit (default: 0).")
     serve.add_argument("--served-model-name", default=None,
                        help="The model id clients use (default: the --model value).")
+    add_cluster_arguments(serve)
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 
@@ -419,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--tokenizer-model", default="SmolLM2-135M-Instruct",
                       help="Model whose tokenizer cuts prompts to exact token counts (default: the default model).")
     load.add_argument("--workloads", default="single,sweep,scoring,shared-prefix",
-                      help="Which workloads to run (default: all four).")
+                      help="Which workloads to run: single, sweep, scoring, shared-prefix, prefix-groups "
+                           "(default: the first four).")
     load.add_argument("--concurrency", default="1,4,16,64", help="Concurrency sweep (default: 1,4,16,64).")
     load.add_argument("--prompt-tokens", type=int, default=128, help="Prompt length (default: 128).")
     load.add_argument("--output-tokens", type=int, default=128, help="Output length (default: 128).")
@@ -428,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Prompts per scoring request; 1 for servers that take one prompt (default: 8).")
     load.add_argument("--shared-prefix-requests", type=int, default=32,
                       help="Requests sharing one 512-token prefix (default: 32).")
+    load.add_argument("--prefix-groups", type=int, default=12,
+                      help="prefix-groups workload (not in the default set): distinct 512-token prefixes "
+                           "(default: 12).")
+    load.add_argument("--requests-per-prefix", type=int, default=6,
+                      help="prefix-groups workload: requests sharing each prefix, in shuffled order (default: 6).")
+    load.add_argument("--prefix-concurrency", type=int, default=4,
+                      help="prefix-groups workload: requests in flight (default: 4).")
     load.add_argument("--prefill-tokens", type=int, default=512,
                       help="Prompt length of the prefill workload (default: 512).")
     load.add_argument("--compare", action="store_true",

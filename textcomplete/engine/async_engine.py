@@ -88,6 +88,11 @@ class AsyncEngine:
         """Tokens the KV cache holds (fixed once the engine is built, so safe from any thread)."""
         return self.engine.allocator.num_blocks * self.engine.config.block_size
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop still runs (a replica's health check)."""
+        return self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         """The engine's load and counters as of its last step or command (safe from any thread)."""
         return self._stats

@@ -16,6 +16,35 @@ from collections import OrderedDict, deque
 
 from textcomplete.engine.request import Request
 
+# The parent of a prompt's first block. A fixed integer, not None: hash(None) differs between
+# processes, and a router in another process must compute the very hashes this cache keys blocks by.
+_ROOT = 0
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """The hash of a full block: chained over the block's tokens and the hash of the block before it.
+
+    It depends only on token ids (Python's tuple hash over ints, the same in every process of one
+    Python version), so the cluster router keys requests by exactly what this cache stores.
+    """
+    return hash((_ROOT if parent is None else parent, tokens))
+
+
+def prefix_block_hashes(token_ids: list[int] | tuple[int, ...], block_size: int) -> list[int]:
+    """The chained hashes of every full block of `token_ids`, in order."""
+    hashes: list[int] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = block_hash(parent, tuple(token_ids[start:start + block_size]))
+        hashes.append(parent)
+    return hashes
+
+
+def reusable_prefix_hashes(token_ids: list[int] | tuple[int, ...], block_size: int) -> list[int]:
+    """The hashes of the blocks a new request with this prompt could take from the cache: every full block
+    but the one holding the last token, which is always computed (see `reuse_cached_prefix`)."""
+    return prefix_block_hashes(token_ids[:len(token_ids) - 1], block_size)
+
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
@@ -100,7 +129,7 @@ class BlockAllocator:
         parent = None
         for i in range(max_blocks):
             tokens = tuple(request.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((parent, tokens))
+            h = block_hash(parent, tokens)
             block = self._by_hash.get(h)
             if block is None or self._block_tokens[block] != tokens:
                 break
@@ -121,7 +150,7 @@ class BlockAllocator:
         for i in range(len(request.block_hashes), full):
             parent = request.block_hashes[-1] if request.block_hashes else None
             tokens = tuple(request.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((parent, tokens))
+            h = block_hash(parent, tokens)
             request.block_hashes.append(h)
             block = request.block_table[i]
             if h not in self._by_hash and self._block_hash[block] is None:

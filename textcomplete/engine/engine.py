@@ -55,6 +55,25 @@ def default_kv_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
     return 2 << 30
 
 
+def check_request_limits(prompt_token_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int,
+                         num_blocks: int, block_size: int) -> None:
+    """ValueError if a request could never run on an engine of these fixed sizes (also used by the cluster
+    front end, which holds only the replicas' sizes)."""
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    wanted = len(prompt_token_ids) + (params.max_tokens or 0)
+    if wanted > max_model_len:
+        raise ValueError(f"{wanted} tokens exceed the context length {max_model_len}")
+    most = min(len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None else max_model_len),
+               max_model_len)
+    if -(-most // block_size) > num_blocks:
+        raise ValueError(f"a request of {most} tokens does not fit in the KV cache ({num_blocks * block_size} tokens)")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         if config.threads:
@@ -103,21 +122,8 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError if the request can never run. Reads only fixed settings, so any thread may call it."""
-        vocab = self.loaded.spec.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        wanted = len(prompt_token_ids) + (params.max_tokens or 0)
-        if wanted > self.max_model_len:
-            raise ValueError(f"{wanted} tokens exceed the context length {self.max_model_len}")
-        most = min(len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None
-                                            else self.max_model_len), self.max_model_len)
-        if -(-most // self.allocator.block_size) > self.allocator.num_blocks:
-            raise ValueError(f"a request of {most} tokens does not fit in the KV cache "
-                             f"({self.allocator.num_blocks * self.allocator.block_size} tokens)")
+        check_request_limits(prompt_token_ids, params, self.loaded.spec.vocab_size, self.max_model_len,
+                             self.allocator.num_blocks, self.allocator.block_size)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
