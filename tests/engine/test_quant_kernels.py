@@ -103,7 +103,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 INT8_FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 # Formats whose narrow products (decode steps) multiply 8-bit x in registers too; the others stay exact there.
-INT8_NARROW_FORMATS = {"Q4_K", "Q6_K"}
+INT8_NARROW_FORMATS = {"Q4_K", "Q5_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("name", INT8_FORMATS)

@@ -53,6 +53,31 @@ inline void k_factors(const uint8_t* b, float* f) {
 }
 #endif
 
+#ifdef TCQ_VNNI
+// The 8-bit products of a Q4_K or Q5_K super-block at b, given its 256 unsigned codes in value order (64 a
+// vector, sub-blocks 2c and 2c + 1 in codes[c]): acc[r] += the block times rows r < R of 8-bit x, codes
+// q + r * ldq (256 int8), and per group of 32 the scale dx and the scaled code sum xs at + r * ldg (int8.h).
+// One vpdpbusd per 64 codes; its 16 sums (8 per sub-block) take the sub-block's d * scale times x's scale,
+// and the mins are dmin * min_j times x's sum over sub-block j.
+template <int R>
+inline void k_dot_int8(const uint8_t* b, const __m512i* codes, const int8_t* q, int64_t ldq, const float* dx,
+                       const float* xs, int64_t ldg, __m512* acc) {
+  alignas(64) float f[16];
+  k_factors(b, f);
+  const __m512 factors = _mm512_load_ps(f);   // d * scale_j in lanes 0-7, dmin * min_j in 8-15
+  for (int r = 0; r < R; ++r) {
+    const __m512 scales = _mm512_mul_ps(factors, _mm512_maskz_loadu_ps(0x00FF, dx + r * ldg));
+    for (int c = 0; c < 4; ++c) {
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c],
+                                               _mm512_loadu_si512(q + r * ldq + 64 * c));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), spread_lanes(scales, 2 * c, 8), acc[r]);
+    }
+    const __m512 x_sums = _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_loadu_ps(xs + r * ldg), 1);
+    acc[r] = _mm512_fnmadd_ps(factors, x_sums, acc[r]);
+  }
+}
+#endif
+
 struct Q4_K {
   static constexpr int64_t kType = 12, kBlock = 256, kBytes = 144, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
@@ -100,16 +125,11 @@ struct Q4_K {
   }
 #endif
 #ifdef TCQ_VNNI
-  // acc[r] += this block times rows r < R of 8-bit x: codes q + r * ldq (256 int8), and per group of 32
-  // the scale dx and the scaled code sum xs at + r * ldg (int8.h). A 32-byte run of nibbles, its low and high
-  // halves side by side, is 64 codes of sub-blocks 2c and 2c + 1 in value order: one vpdpbusd against 64
-  // codes of x, whose 16 sums (8 per sub-block) take the sub-block's d * scale times x's scale.
+  // acc[r] += this block times rows r < R of 8-bit x (see k_dot_int8). A 32-byte run of nibbles, its low and
+  // high halves side by side, is 64 codes of sub-blocks 2c and 2c + 1 in value order.
   template <int R>
   static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                        __m512* acc) {
-    alignas(64) float f[16];
-    k_factors(b, f);
-    const __m512 factors = _mm512_load_ps(f);   // d * scale_j in lanes 0-7, dmin * min_j in 8-15
     const __m512i nibble = _mm512_set1_epi8(15);
     __m512i codes[4];
     for (int c = 0; c < 4; ++c) {
@@ -117,17 +137,7 @@ struct Q4_K {
       codes[c] = _mm512_and_si512(
           _mm512_inserti64x4(_mm512_castsi256_si512(run), _mm256_srli_epi16(run, 4), 1), nibble);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 scales = _mm512_mul_ps(factors, _mm512_maskz_loadu_ps(0x00FF, dx + r * ldg));
-      for (int c = 0; c < 4; ++c) {
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c],
-                                                 _mm512_loadu_si512(q + r * ldq + 64 * c));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), spread_lanes(scales, 2 * c, 8), acc[r]);
-      }
-      // The mins: dmin * min_j times x's sum over sub-block j (lanes 8-15).
-      const __m512 x_sums = _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_loadu_ps(xs + r * ldg), 1);
-      acc[r] = _mm512_fnmadd_ps(factors, x_sums, acc[r]);
-    }
+    k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
   }
 #endif
 };

@@ -69,6 +69,24 @@ struct Q5_K {
     }
   }
 #endif
+#ifdef TCQ_VNNI
+  // acc[r] += this block times rows r < R of 8-bit x (k_dot_int8): the five-bit codes as decode() builds
+  // them, their stray top bits cleared.
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m512* acc) {
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    __m512i codes[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c)));
+      const __m512i nibbles = _mm512_srlv_epi64(qs, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4));
+      const int64_t lo = (4 - 2 * c) & 63, hi = (3 - 2 * c) & 63;
+      const __m512i fifth = _mm512_rolv_epi64(qh, _mm512_setr_epi64(lo, lo, lo, lo, hi, hi, hi, hi));
+      codes[c] = _mm512_and_si512(five_bit_code(nibbles, fifth), _mm512_set1_epi8(31));
+    }
+    k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
+  }
+#endif
 };
 
 }  // namespace tcq
