@@ -62,7 +62,7 @@ at::Tensor part_product(const at::Tensor& x, const Part& p, const Shape& s) {
 // runs as one (one parallel region, each part's outputs written in place).
 at::Tensor linear(const at::Tensor& x, const Projection& parts, const Shape& s) {
   const bool stored = std::all_of(parts.begin(), parts.end(), [](const Part& p) { return p.raw.numel() > 0; });
-  if (parts.size() > 1 && stored && x.size(0) <= s.direct_rows) {
+  if (stored && x.size(0) <= s.direct_rows) {
     std::vector<tcq::StoredPart> matrices;
     for (const Part& p : parts) matrices.push_back(tcq::StoredPart{p.raw, p.type});
     at::Tensor y = tcq::direct_parts(x, matrices, false, s.int8);

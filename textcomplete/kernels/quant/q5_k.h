@@ -42,22 +42,24 @@ struct Q5_K {
     }
   }
 #ifdef TCQ_AVX512
+  // The 64 five-bit codes of sub-blocks 2c and 2c + 1 of the block at b, one per byte: bytes 0-31 are
+  // sub-block 2c (low nibbles of qs[32c..], fifth bit j = 2c of qh), bytes 32-63 sub-block 2c + 1 (high
+  // nibbles, bit 2c + 1). A 64-bit rotate by 4 - j brings bit j of every byte to its bit 4; bits 5-7 keep
+  // whatever lands there.
+  static __m512i run_codes(const uint8_t* b, int c) {
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c)));
+    const __m512i nibbles = _mm512_srlv_epi64(qs, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4));
+    const int64_t lo = (4 - 2 * c) & 63, hi = (3 - 2 * c) & 63;
+    const __m512i fifth = _mm512_rolv_epi64(qh, _mm512_setr_epi64(lo, lo, lo, lo, hi, hi, hi, hi));
+    return five_bit_code(nibbles, fifth);
+  }
+
   static void decode(const uint8_t* b, __m512* v) {
     alignas(64) float f[16];
     k_factors(b, f);
-    // The 256 five-bit codes, one per byte, 64 at a time: bytes 0-31 are sub-block 2c (low nibbles of
-    // qs[32c..], fifth bit j = 2c of qh), bytes 32-63 sub-block 2c + 1 (high nibbles, bit 2c + 1). A 64-bit
-    // rotate by 4 - j brings bit j of every byte to its bit 4; bits 5-7 keep whatever lands there, which
-    // lookup32 ignores.
     alignas(64) uint8_t codes[256];
-    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
-    for (int c = 0; c < 4; ++c) {
-      const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c)));
-      const __m512i nibbles = _mm512_srlv_epi64(qs, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4));
-      const int64_t lo = (4 - 2 * c) & 63, hi = (3 - 2 * c) & 63;
-      const __m512i fifth = _mm512_rolv_epi64(qh, _mm512_setr_epi64(lo, lo, lo, lo, hi, hi, hi, hi));
-      _mm512_store_si512(codes + 64 * c, five_bit_code(nibbles, fifth));
-    }
+    for (int c = 0; c < 4; ++c) _mm512_store_si512(codes + 64 * c, run_codes(b, c));   // lookup32 ignores bits 5-7
     opaque(f);
     opaque(codes);   // widened by loads from memory, not by shuffles out of registers
     for (int j = 0; j < 8; ++j) {
@@ -70,20 +72,13 @@ struct Q5_K {
   }
 #endif
 #ifdef TCQ_VNNI
-  // acc[r] += this block times rows r < R of 8-bit x (k_dot_int8): the five-bit codes as decode() builds
-  // them, their stray top bits cleared.
+  // acc[r] += this block times rows r < R of 8-bit x (k_dot_int8): run_codes with their stray top bits
+  // cleared.
   template <int R>
   static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                        __m512* acc) {
-    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
     __m512i codes[4];
-    for (int c = 0; c < 4; ++c) {
-      const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c)));
-      const __m512i nibbles = _mm512_srlv_epi64(qs, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4));
-      const int64_t lo = (4 - 2 * c) & 63, hi = (3 - 2 * c) & 63;
-      const __m512i fifth = _mm512_rolv_epi64(qh, _mm512_setr_epi64(lo, lo, lo, lo, hi, hi, hi, hi));
-      codes[c] = _mm512_and_si512(five_bit_code(nibbles, fifth), _mm512_set1_epi8(31));
-    }
+    for (int c = 0; c < 4; ++c) codes[c] = _mm512_and_si512(run_codes(b, c), _mm512_set1_epi8(31));
     k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
   }
 #endif

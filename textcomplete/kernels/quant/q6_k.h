@@ -52,21 +52,28 @@ struct Q6_K {
     }
   }
 #ifdef TCQ_AVX512
+  // The unsigned six-bit codes of half h (values 128h..128h+127) of the block at b, one per byte: lo holds
+  // values 0-63 of the half (t = 0 in bytes 0-31, t = 1 in 32-63), hi values 64-127 (t = 2, 3). The high
+  // bits move within 64-bit lanes; the bits that cross into a neighbouring byte are masked off.
+  static void half_codes(const uint8_t* b, int h, __m512i* lo, __m512i* hi) {
+    const __m512i nibble = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30);
+    const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+    const __m512i up01 = _mm512_and_si512(_mm512_sllv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2)), top);
+    const __m512i up23 = _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), top);
+    *lo = _mm512_ternarylogic_epi32(ql, up01, nibble, 0xE4);   // nibble bits from ql, the rest from up
+    *hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), up23, nibble, 0xE4);
+  }
+
   static void decode(const uint8_t* b, __m512* v) {
     alignas(64) float scale[16];
     _mm512_store_ps(scale, _mm512_mul_ps(widen_i8_ps(b + 192), _mm512_set1_ps(half_at(b + 208))));
     opaque(scale);
-    const __m512i nibble = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
+    const __m512i bias = _mm512_set1_epi8(32);
     for (int h = 0; h < 2; ++h) {
-      // 64 codes at a time, one per byte: bytes 0-31 are t = 0 (or 2), bytes 32-63 t = 1 (or 3). The high
-      // bits move within 64-bit lanes; the bits that cross into a neighbouring byte are masked off.
       alignas(64) int8_t codes[128];
-      const __m512i ql = _mm512_loadu_si512(b + 64 * h);
-      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
-      const __m512i up01 = _mm512_and_si512(_mm512_sllv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2)), top);
-      const __m512i up23 = _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), top);
-      const __m512i lo = _mm512_ternarylogic_epi32(ql, up01, nibble, 0xE4);   // nibble bits from ql, rest from up
-      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), up23, nibble, 0xE4);
+      __m512i lo, hi;
+      half_codes(b, h, &lo, &hi);
       _mm512_store_si512(codes, _mm512_sub_epi8(lo, bias));
       _mm512_store_si512(codes + 64, _mm512_sub_epi8(hi, bias));
       opaque(codes);   // widened by loads from memory, not by shuffles out of registers
@@ -77,23 +84,15 @@ struct Q6_K {
   }
 #endif
 #ifdef TCQ_VNNI
-  // acc[r] += this block times rows r < R of 8-bit x (see Q4_K::dot_int8; groups of 16 here). The unsigned
-  // six-bit codes, 64 per vector in value order as decode() builds them, go to vpdpbusd; the bias of 32 is
-  // the offset -32 * d * scale_g, taken with x's group sums.
+  // acc[r] += this block times rows r < R of 8-bit x (see k_dot_int8; groups of 16 here). The unsigned
+  // six-bit codes (half_codes), 64 per vector in value order, go to vpdpbusd; the bias of 32 is the offset
+  // -32 * d * scale_g, taken with x's group sums.
   template <int R>
   static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                        __m512* acc) {
     const __m512 scale = _mm512_mul_ps(widen_i8_ps(b + 192), _mm512_set1_ps(half_at(b + 208)));   // d * scale_g
-    const __m512i nibble = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30);
     __m512i codes[4];
-    for (int h = 0; h < 2; ++h) {
-      const __m512i ql = _mm512_loadu_si512(b + 64 * h);
-      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
-      const __m512i up01 = _mm512_and_si512(_mm512_sllv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2)), top);
-      const __m512i up23 = _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), top);
-      codes[2 * h] = _mm512_ternarylogic_epi32(ql, up01, nibble, 0xE4);
-      codes[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), up23, nibble, 0xE4);
-    }
+    for (int h = 0; h < 2; ++h) half_codes(b, h, &codes[2 * h], &codes[2 * h + 1]);
     const __m512 bias = _mm512_mul_ps(scale, _mm512_set1_ps(-32.f));
     for (int r = 0; r < R; ++r) {
       const __m512 scales = _mm512_mul_ps(scale, _mm512_loadu_ps(dx + r * ldg));
