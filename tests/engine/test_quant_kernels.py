@@ -1,7 +1,8 @@
 """Block-format matmul kernels against a float64 oracle: dequantize in PyTorch, then multiply in float64.
 
 Every format, row counts on both sides of the direct/tiled switch, odd N and K, the vector and the portable
-decoders, the PyTorch fallback, read-only mapped weights, and clear errors on bad input.
+decoders (as built for this CPU and as built for AVX2), the PyTorch fallback, read-only mapped weights, and clear
+errors on bad input.
 """
 
 from __future__ import annotations
@@ -13,18 +14,38 @@ import pytest
 import torch
 
 from tests.unit.test_quant_formats import EXPECTED, by_name, random_blocks
-from textcomplete.kernels import quant_matmul
+from textcomplete.kernels import quant_matmul, target_supported
 from textcomplete.quant import DIRECT_ROWS, Format, dequantize, embedding, matmul, native_available
 
 ROWS = [1, 2, 3, 16, 33]
 NS = [7, 33, 65]
 
 
+def built_for(target: str):
+    if not target_supported(target):
+        pytest.skip(f"this CPU does not run {target} code")
+    module = quant_matmul(target)
+    assert module is not None, f"the native block-format kernels did not build for {target}"
+    return module
+
+
 @pytest.fixture(scope="module")
 def native():
-    module = quant_matmul()
-    assert module is not None, "the native block-format kernels did not build"
+    return built_for("native")
+
+
+@pytest.fixture(scope="module")
+def avx2():
+    """The kernels built for AVX2 without AVX-512: the vector code of most desktops and laptops."""
+    module = built_for("avx2")
+    assert module.vectorized() and module.vector_lanes() == 8, "the AVX2 build has no AVX2 decoders"
     return module
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def each_build(request):
+    """The kernels as built for this CPU, then as built for AVX2."""
+    return request.getfixturevalue(request.param)
 
 
 def odd_ks(fmt: Format) -> list[int]:
@@ -63,25 +84,25 @@ def cases(fmt: Format, seed: int):
 
 
 @pytest.mark.parametrize("name", EXPECTED)
-def test_native_kernels_match_the_oracle(native, name):
+def test_native_kernels_match_the_oracle(each_build, name):
     fmt = by_name(name)
     for m, n, k, raw, x in cases(fmt, seed=0):
         oracle = Oracle(x, raw, fmt, k)
         oracle.check(matmul(x, raw, fmt, k))
         for direct_rows in (0, 64):       # force the tiled and the direct path at every row count
             for portable in (False, True):
-                oracle.check(native.matmul(x, raw, fmt.type_id, k, direct_rows, portable))
+                oracle.check(each_build.matmul(x, raw, fmt.type_id, k, direct_rows, portable))
 
 
 @pytest.mark.parametrize("name", EXPECTED)
-def test_native_dequantize_matches_pytorch(native, name):
+def test_native_dequantize_matches_pytorch(each_build, name):
     fmt = by_name(name)
     for k in odd_ks(fmt):
         raw = torch.from_numpy(random_blocks(fmt, 19, k, seed=k))
         expected = dequantize(raw, fmt, k)
         for portable in (False, True):
             # The two may round a scale's product differently (a fused multiply-add): one float32 ulp.
-            torch.testing.assert_close(native.dequantize(raw, fmt.type_id, k, portable), expected,
+            torch.testing.assert_close(each_build.dequantize(raw, fmt.type_id, k, portable), expected,
                                        rtol=2e-7, atol=1e-30)
 
 
@@ -107,16 +128,16 @@ INT8_NARROW_FORMATS = {"Q4_K", "Q5_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("name", INT8_FORMATS)
-def test_8_bit_activations_are_exact_on_the_rounded_activations(native, name):
+def test_8_bit_activations_are_exact_on_the_rounded_activations(each_build, name):
     """8-bit products compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32): only the rounding
     of x differs from the float32 product. Wide products of every format with codes take them, narrow ones
     those of INT8_NARROW_FORMATS; the rest stay on the exact float32 path."""
     fmt = by_name(name)
-    assert native.int8_available(), "this CPU has AVX-512 VNNI: the 8-bit products must be built"
+    assert each_build.int8_available(), "a build with AVX-512 VNNI or AVX2 has the 8-bit products"
     for m, n, k, raw, x in cases(fmt, seed=2):
         rounded = Oracle(int8_activations(x), raw, fmt, k)
         for direct_rows in (0, DIRECT_ROWS):
-            y = native.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
+            y = each_build.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
             if m <= direct_rows and name not in INT8_NARROW_FORMATS:
                 assert_matches_oracle(y, x, raw, fmt, k)
                 continue
@@ -126,7 +147,36 @@ def test_8_bit_activations_are_exact_on_the_rounded_activations(native, name):
             assert not torch.equal(y, matmul(x, raw, fmt, k))   # x8 is a coarse copy of x
 
 
-def test_narrow_8_bit_products_equal_the_wide_ones(native):
+# Byte offsets of each block's float16 scales.
+HALF_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+def test_8_bit_products_do_not_saturate_at_the_extreme_codes(each_build, name):
+    """AVX2's byte products sum pairs in 16 bits and add several such sums before widening: exact only while
+    the codes stay within the bounds the kernels assume. Weights at their largest and smallest codes (every
+    byte 0xFF or 0x00; Q8_0's q at 127 and -128), x at full scale (+-1: exact in 8 bits)."""
+    fmt = by_name(name)
+    k, n = 512, 16
+    fills = (0x7F, 0x80) if name == "Q8_0" else (0xFF, 0x00)
+    blocks = np.empty((n, k // fmt.block_size, fmt.block_bytes), np.uint8)
+    for j in range(n):
+        blocks[j] = fills[j % 2]
+    for offset in HALF_FIELDS[name]:
+        blocks[:, :, offset:offset + 2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    raw = torch.from_numpy(blocks.reshape(n, -1))
+    w = dequantize(raw, fmt, k).double()
+    signs = torch.tensor([1.0, -1.0]).repeat(k // 2)
+    for x in (torch.ones(5, k), -torch.ones(5, k), signs.expand(5, k).contiguous()):
+        expected = x.double() @ w.T
+        bound = 1e-5 * (x.double().abs() @ w.abs().T)
+        for direct_rows in (0, DIRECT_ROWS):
+            y = each_build.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
+            assert ((y.double() - expected).abs() <= bound).all(), f"{name}: {(y.double() - expected).abs().max()}"
+
+
+def test_narrow_8_bit_products_equal_the_wide_ones(each_build):
     """The in-register narrow kernels and the tiled wide ones compute the same rounded product."""
     for name in sorted(INT8_NARROW_FORMATS):
         fmt = by_name(name)
@@ -134,12 +184,12 @@ def test_narrow_8_bit_products_equal_the_wide_ones(native):
         raw = torch.from_numpy(random_blocks(fmt, n, k, seed=5))
         for m in (1, 2, 3, 5, DIRECT_ROWS):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-            narrow = native.matmul(x, raw, fmt.type_id, k, DIRECT_ROWS, False, True)
-            wide = native.matmul(x, raw, fmt.type_id, k, 0, False, True)
+            narrow = each_build.matmul(x, raw, fmt.type_id, k, DIRECT_ROWS, False, True)
+            wide = each_build.matmul(x, raw, fmt.type_id, k, 0, False, True)
             torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
 
 
-def test_a_product_of_several_matrices_in_one_pass_matches_each(native):
+def test_a_product_of_several_matrices_in_one_pass_matches_each(each_build):
     """The decode layers run a projection's matrices (q, k, v of other formats, as a Q4_K_M file keeps them)
     as one product: its columns are each matrix's product, exact and in 8 bits alike."""
     k = 512
@@ -148,8 +198,8 @@ def test_a_product_of_several_matrices_in_one_pass_matches_each(native):
     for m in (1, 3, DIRECT_ROWS):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         for int8 in (False, True):
-            y = native.matmul_parts(x, raws, [f.type_id for f in fmts], False, int8)
-            each = torch.cat([native.matmul(x, r, f.type_id, k, DIRECT_ROWS, False, int8)
+            y = each_build.matmul_parts(x, raws, [f.type_id for f in fmts], False, int8)
+            each = torch.cat([each_build.matmul(x, r, f.type_id, k, DIRECT_ROWS, False, int8)
                               for f, r in zip(fmts, raws)], dim=1)
             assert torch.equal(y, each)
             if not int8:
@@ -207,7 +257,7 @@ def test_empty_inputs():
     assert embedding(torch.zeros(0, dtype=torch.long), raw, fmt, 64).shape == (0, 64)
 
 
-def test_bad_inputs_raise_clear_errors(native):
+def test_bad_inputs_raise_clear_errors(each_build):
     fmt, k = by_name("Q4_0"), 64
     raw = torch.from_numpy(random_blocks(fmt, 8, k, seed=0))
     x = torch.randn(3, k)
@@ -225,13 +275,13 @@ def test_bad_inputs_raise_clear_errors(native):
         matmul(torch.randn(3, 40), raw, fmt, 40)
     # The native entry points check for themselves too: an error, never a crash.
     with pytest.raises(RuntimeError, match="takes 36 bytes"):
-        native.matmul(x, raw[:, :20], fmt.type_id, k, 4, False)
+        each_build.matmul(x, raw[:, :20], fmt.type_id, k, 4, False)
     with pytest.raises(RuntimeError, match="contiguous"):
-        native.matmul(torch.randn(k, 3).t(), raw, fmt.type_id, k, 4, False)
+        each_build.matmul(torch.randn(k, 3).t(), raw, fmt.type_id, k, 4, False)
     with pytest.raises(RuntimeError, match="no native kernel"):
-        native.matmul(x, raw, 10, k, 4, False)
+        each_build.matmul(x, raw, 10, k, 4, False)
     with pytest.raises(RuntimeError, match="not a multiple"):
-        native.dequantize(raw, fmt.type_id, 40, False)
+        each_build.dequantize(raw, fmt.type_id, 40, False)
 
 
 def test_native_availability_is_reported():

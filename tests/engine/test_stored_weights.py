@@ -72,6 +72,42 @@ def test_native_decode_on_stored_weights_matches_pytorch_layers(tiny_llama_256, 
         torch.testing.assert_close(got, want, atol=1e-4, rtol=2e-5)   # float32 rounding of logprobs near -16
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q5_1, QType.Q6_K], ids=lambda q: q.name)
+def test_the_avx2_build_serves_what_the_native_build_serves(tiny_llama_256, tmp_path, native_calls, monkeypatch,
+                                                             qtype):
+    """A machine without AVX-512 runs the AVX2 decoders in every step (prefill through quant_matmul, decode
+    through the fused layers): the same tokens and, to float32 rounding, the same log-probabilities."""
+    import textcomplete.engine.engine as engine_module
+    import textcomplete.kernels as kernels
+    if not kernels.target_supported("avx2"):
+        pytest.skip("this CPU does not run AVX2 code")
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(tiny_llama_256, path, qtype)
+    prompts = random_prompts(5, seed=3, low=1, high=70)
+    params = [dataclasses.replace(mixed_params(i), logprobs=3, prompt_logprobs=2) for i in range(5)]
+    want = make_engine(path, 64).generate(prompts, params)
+    avx2_decode, avx2_matmul = kernels.decode_layers("avx2"), kernels.quant_matmul("avx2")
+    assert avx2_decode.vector_lanes() == 8 and avx2_matmul.vector_lanes() == 8
+    monkeypatch.setattr(engine_module, "decode_layers", lambda: avx2_decode)
+    lookups = []
+    monkeypatch.setattr(kernels, "quant_matmul", lambda: lookups.append(1) or avx2_matmul)
+    engine = make_engine(path, 64)
+    assert engine.loaded.model.native_decode.kernels is avx2_decode
+    native_calls.clear()
+    lookups.clear()
+    got = engine.generate(prompts, params)
+    assert lookups, "the prefill products never asked for the AVX2 kernels"
+    assert native_calls and max(native_calls) > 1, "batched decode steps never reached the AVX2 layers"
+    assert [tokens_of(o) for o in got] == [tokens_of(o) for o in want]
+    for a, b in zip(got, want):
+        for kind in ("logprobs", "prompt_logprobs"):
+            x = torch.tensor([[e.logprob, *(lp for _, lp in e.top)] for o in a for e in getattr(o, kind)
+                              if e.logprob is not None])
+            y = torch.tensor([[e.logprob, *(lp for _, lp in e.top)] for o in b for e in getattr(o, kind)
+                              if e.logprob is not None])
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_safetensors_matrices_run_in_their_stored_dtype(tiny_llama_256, tmp_path, dtype):
     """A bfloat16/float16 checkpoint's matrices are views of its file, exact against transformers on its values

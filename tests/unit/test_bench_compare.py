@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,13 @@ def test_report_keeps_the_hand_written_tail(tmp_path):
     assert report.kept_tail(path) == []
     path.write_text(f"# old\n\n{report.KEEP_MARKER}\n\n## History\n\nkept text\n")
     assert report.kept_tail(path)[-1] == "## History\n\nkept text"
+
+
+def test_the_report_names_the_vector_instructions_the_kernels_chose_from():
+    assert compare.vector_extensions({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"}) == \
+        "AVX-512 with VNNI"
+    assert compare.vector_extensions({"avx2", "fma", "f16c", "avx512f", "avx512bw"}) == "AVX-512 without VNNI"
+    assert compare.vector_extensions({"avx2", "fma", "f16c"}) == "AVX2, no AVX-512"
+    assert compare.vector_extensions({"sse4_2"}) == "no AVX2"
+    assert any("(" in line and "AVX" in line for line in compare.environment_lines("0.3.36", "abc1234")) \
+        or not Path("/proc/cpuinfo").exists()

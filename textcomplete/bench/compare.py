@@ -217,12 +217,23 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def vector_extensions(flags: set[str]) -> str:
+    """The vector instruction sets the kernels choose between, as /proc/cpuinfo's flags name them."""
+    if {"avx512f", "avx512bw"} <= flags:
+        return "AVX-512" + (" with VNNI" if "avx512_vnni" in flags else " without VNNI")
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "AVX2, no AVX-512"
+    return "no AVX2"
+
+
 def environment_lines(llama_version: str, commit: str) -> list[str]:
     import torch
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags"))
+        cpu += f" ({vector_extensions(flags)})"
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)

@@ -2,7 +2,8 @@
 
 Prints GB/s of weights read for a decode step (M = 1), both with the matrix in cache ("hot") and rotating
 over copies larger than the last-level cache ("cold", the memory-bound figure), and GFLOP/s for M = 128, 512.
-Run as `python -m textcomplete.bench.quant_kernels [--n 2048 --k 8192 --threads 2 --formats Q4_K,Q8_0]`.
+Run as `python -m textcomplete.bench.quant_kernels [--n 2048 --k 8192 --threads 2 --formats Q4_K,Q8_0]`;
+`--int8` times the products with 8-bit activations (where the CPU and format have them) instead.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(f.name for f in FORMATS.values()))
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per figure (the best is shown)")
     parser.add_argument("--portable", action="store_true", help="time the PyTorch fallback instead")
+    parser.add_argument("--int8", action="store_true", help="quantize activations to 8 bits (--activations int8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     native = native_available() and not args.portable
-    print(f"[{args.n}, {args.k}] weights, {args.threads} threads, {'native kernels' if native else 'PyTorch path'}")
+    kind = ("native kernels" if native else "PyTorch path") + (", 8-bit activations" if args.int8 else "")
+    print(f"[{args.n}, {args.k}] weights, {args.threads} threads, {kind}")
     print("format   MB      M=1 GB/s hot/cold  M=128 GFLOP/s  M=512 GFLOP/s")
     dense = torch.randn(args.n, args.k)
     copies = [dense] + [dense.clone() for _ in range(max(0, _COLD_BYTES // dense.nbytes))]
@@ -85,7 +88,7 @@ def main() -> None:
         fmt = by_name[name]
         raw = random_weights(fmt, args.n, args.k)
         weights = [raw] + [raw.clone() for _ in range(_COLD_BYTES // raw.numel())]
-        product = lambda x, w, fmt=fmt: matmul(x, w, fmt, args.k, native=native)   # noqa: E731
+        product = lambda x, w, fmt=fmt: matmul(x, w, fmt, args.k, native=native, int8=args.int8)   # noqa: E731
         print(measure(fmt.name, weights, product, args.n, args.k, args.repeat))
 
 

@@ -4,6 +4,10 @@
 compiler, no ninja, an unsupported platform); callers then run the same computation as PyTorch operators.
 The build takes about a minute once per machine and torch version; later starts load the cached library.
 
+The modules are compiled for the CPU that builds them (-march=native): AVX-512 vector code on AVX-512
+machines, AVX2 on the others that have it, portable C++ elsewhere. A `target` of "avx2" builds the AVX2 code on
+an AVX-512 machine too (its own module and cache entry), so that one machine tests both.
+
 With TEXTCOMPLETE_SANITIZE=address,undefined in the environment every native module is built instrumented
 with AddressSanitizer and UndefinedBehaviorSanitizer instead (in its own cache directory), and any error they
 find aborts the process. The ASan runtime must then be loaded first: start Python with
@@ -28,23 +32,43 @@ SANITIZE_ENV = "TEXTCOMPLETE_SANITIZE"
 _SOURCE = Path(__file__).with_name("decode.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 _OPENMP = ["-fopenmp"]   # links the OpenMP runtime torch has already loaded (same soname)
+# Instruction sets a module can be built for, beyond the building CPU's own ("native"): the flags that take
+# -march=native down to each.
+TARGETS: dict[str, list[str]] = {"native": [], "avx2": ["-mno-avx512f"]}
 _lock = threading.Lock()
-_built: dict[str, ModuleType | None] = {}
+_built: dict[tuple[str, str], ModuleType | None] = {}
 
 
-def build_flags() -> tuple[list[str], list[str]]:
-    """(compiler flags, linker flags) of every native module in this process."""
+def build_flags(target: str = "native") -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags) of the native modules built for `target` in this process."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown build target {target!r}; known: {', '.join(TARGETS)}")
     sanitizers = os.environ.get(SANITIZE_ENV, "").strip()
     if not sanitizers:
-        return list(_FLAGS), []
+        return [*_FLAGS, *TARGETS[target]], []
     instrument = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    return ["-O1", "-g", "-march=native", "-fopenmp-simd", *instrument], instrument
+    return ["-O1", "-g", "-march=native", *TARGETS[target], "-fopenmp-simd", *instrument], instrument
 
 
-def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False) -> Path:
+def target_supported(target: str) -> bool:
+    """Whether this CPU runs code built for `target` (x86 Linux: the flags in /proc/cpuinfo)."""
+    if target == "native":
+        return True
+    needed = {"avx2": {"avx2", "fma", "f16c"}}[target]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return needed <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,
+                    target: str = "native") -> Path:
     """The cache directory of one module's build: one per module, source (and the headers it includes),
     compiler flags, torch version and CPU (-march=native is CPU-specific)."""
-    cflags, _ = build_flags()
+    cflags, _ = build_flags(target)
     cflags += _OPENMP if openmp else []
     texts = [source.read_bytes(), *(h.read_bytes() for h in headers)]
     key = hashlib.sha256(b"\0".join([name.encode(), *texts, " ".join(cflags).encode(),
@@ -64,19 +88,22 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def build_extension(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False) -> ModuleType:
-    """Compile (or load from the cache) the torch extension in `source`, which may include `headers`;
-    raises if it cannot be built. `openmp` compiles it with OpenMP: at::parallel_for is an inline template
-    that runs its loop on one thread unless the extension itself is built with OpenMP."""
+def build_extension(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,
+                    target: str = "native") -> ModuleType:
+    """Compile (or load from the cache) the torch extension in `source`, which may include `headers`, for
+    `target` (TARGETS); raises if it cannot be built. `openmp` compiles it with OpenMP: at::parallel_for is an
+    inline template that runs its loop on one thread unless the extension itself is built with OpenMP."""
     import fcntl
 
     from torch.utils.cpp_extension import load
 
-    cflags, ldflags = build_flags()
+    cflags, ldflags = build_flags(target)
+    if target != "native":   # a module's name is its identity in a process: one per target
+        name += f"_{target}"
     if ldflags:
         name += "_sanitized"
     cflags, ldflags = cflags + (_OPENMP if openmp else []), ldflags + (_OPENMP if openmp else [])
-    build_dir = build_directory(name, source, headers, openmp)
+    build_dir = build_directory(name, source, headers, openmp, target)
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch guards a build with a lock file that a killed build leaves behind, and every later build then
     # waits for it forever. An flock is released by the system when its holder dies: hold one around the
@@ -90,12 +117,9 @@ def build_extension(name: str, source: Path, headers: tuple[Path, ...] = (), ope
                     build_directory=str(build_dir), verbose=False)
 
 
-def decode_layers() -> ModuleType | None:
+def decode_layers(target: str = "native") -> ModuleType | None:
     """The compiled decode module (built on first call, then cached), or None if it cannot be built."""
-    with _lock:
-        if "decode" not in _built:
-            _built["decode"] = _build_decode()
-        return _built["decode"]
+    return _module("decode", target)
 
 
 def decode_build_directory() -> Path:
@@ -103,40 +127,42 @@ def decode_build_directory() -> Path:
     return build_directory("textcomplete_decode", _SOURCE, _headers(), openmp=True)
 
 
-def _build_decode() -> ModuleType | None:
+def quant_matmul(target: str = "native") -> ModuleType | None:
+    """The compiled block-format matmul module of `quant_matmul.cpp` (built on first call, then cached), or
+    None if it cannot be built; textcomplete.quant then decodes with PyTorch."""
+    return _module("quant_matmul", target)
+
+
+# Each module: its source, and what is lost (logged) when it cannot be built.
+_MODULES = {
+    "decode": (_SOURCE, "native decode kernels", "decode steps use PyTorch operators"),
+    "quant_matmul": (_SOURCE.with_name("quant_matmul.cpp"), "native block-format kernels",
+                     "GGUF weights are decoded with PyTorch"),
+}
+
+
+def _module(kind: str, target: str) -> ModuleType | None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown build target {target!r}; known: {', '.join(TARGETS)}")
+    with _lock:
+        if (kind, target) not in _built:
+            _built[kind, target] = _build(kind, target)
+        return _built[kind, target]
+
+
+def _build(kind: str, target: str) -> ModuleType | None:
+    source, what, fallback = _MODULES[kind]
     if platform.system() != "Linux":
-        log.info("native decode kernels are built on Linux only; using PyTorch operators")
+        log.info("%s are built on Linux only; %s", what, fallback)
         return None
     try:
-        return build_extension("textcomplete_decode", _SOURCE, _headers(), openmp=True)
+        return build_extension(f"textcomplete_{kind}", source, _headers(), openmp=True, target=target)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
-        log.warning("could not build the native decode kernels (%s); decode steps use PyTorch operators",
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        log.warning("could not build the %s (%s); %s", what,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__, fallback)
         return None
 
 
 def _headers() -> tuple[Path, ...]:
     """The headers both modules include: the block formats and their products (a change rebuilds both)."""
     return tuple(sorted((_SOURCE.parent / "quant").glob("*.h")))
-
-
-def quant_matmul() -> ModuleType | None:
-    """The compiled block-format matmul module of `quant_matmul.cpp` (built on first call, then cached), or
-    None if it cannot be built; textcomplete.quant then decodes with PyTorch."""
-    with _lock:
-        if "quant_matmul" not in _built:
-            _built["quant_matmul"] = _build_quant_matmul()
-        return _built["quant_matmul"]
-
-
-def _build_quant_matmul() -> ModuleType | None:
-    if platform.system() != "Linux":
-        log.info("native block-format kernels are built on Linux only; using PyTorch operators")
-        return None
-    try:
-        return build_extension("textcomplete_quant_matmul", Path(__file__).with_name("quant_matmul.cpp"), _headers(),
-                               openmp=True)
-    except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
-        log.warning("could not build the native block-format kernels (%s); GGUF weights are decoded with PyTorch",
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-        return None

@@ -110,28 +110,16 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   }
 }
 
-#ifdef TCQ_AVX512
-// 16 cache elements at p widened to float32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {   // bfloat16 is the top half of a float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-#endif
-
 // q . k over dim values (k of cache type T, widened as it is read).
 template <class T>
 inline float dot_key(const float* q, const T* k, int64_t dim) {
   int64_t d = 0;
   float dot = 0.f;
-#ifdef TCQ_AVX512
-  if (dim % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-    return _mm512_reduce_add_ps(acc);
+#ifdef TCQ_VECTOR
+  if (dim % tcq::kLanes == 0) {
+    tcq::Vec acc = tcq::vec_zero();
+    for (; d < dim; d += tcq::kLanes) acc = tcq::vec_fmadd(tcq::vec_load(q + d), tcq::vec_load(k + d), acc);
+    return tcq::vec_sum(acc);
   }
 #endif
   for (; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
@@ -142,11 +130,11 @@ inline float dot_key(const float* q, const T* k, int64_t dim) {
 template <class T>
 inline void add_value(float p, const T* v, int64_t dim, float* out) {
   int64_t d = 0;
-#ifdef TCQ_AVX512
-  if (dim % 16 == 0) {
-    const __m512 weight = _mm512_set1_ps(p);
-    for (; d < dim; d += 16)
-      _mm512_storeu_ps(out + d, _mm512_fmadd_ps(weight, load16(v + d), _mm512_loadu_ps(out + d)));
+#ifdef TCQ_VECTOR
+  if (dim % tcq::kLanes == 0) {
+    const tcq::Vec weight = tcq::vec_set1(p);
+    for (; d < dim; d += tcq::kLanes)
+      tcq::vec_store(out + d, tcq::vec_fmadd(weight, tcq::vec_load(v + d), tcq::vec_load(out + d)));
     return;
   }
 #endif
@@ -350,4 +338,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // loop streams the previous token meanwhile instead of waiting for the engine thread to reach Python.
   m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32 activations)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("vector_lanes", &tcq::vector_lanes, "float32 lanes of the vector code (16 AVX-512, 8 AVX2, 1 portable)");
 }

@@ -19,9 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "y[M, sum N_i] = x @ [W_0; W_1; ...].T by the direct path in one parallel region", py::arg("x"), py::arg("raws"),
       py::arg("types"), py::arg("portable"), py::arg("int8") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("int8_available", &tcq::int8_available, "whether the 8-bit-activation products were compiled in (VNNI)");
+  m.def("int8_available", &tcq::int8_available, "whether the 8-bit-activation products were compiled in (AVX-512 VNNI or AVX2)");
   m.def("dequantize", &tcq::dequantize, "raw[N, row_bytes] -> float32 [N, K]", py::arg("raw"), py::arg("type_id"),
         py::arg("k"), py::arg("portable"), py::call_guard<py::gil_scoped_release>());
   m.def("type_ids", [] { return tcq::type_ids(tcq::Formats{}); }, "the GGML type ids with a native kernel");
-  m.def("vectorized", &tcq::vectorized, "whether the AVX-512 decoders were compiled in");
+  m.def("vectorized", &tcq::vectorized, "whether vector decoders (AVX-512 or AVX2) were compiled in");
+  m.def("vector_lanes", &tcq::vector_lanes, "float32 lanes of the vector decoders (1: portable only)");
 }

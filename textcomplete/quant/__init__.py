@@ -111,7 +111,7 @@ INT8_FORMATS = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"
 
 def int8_supported(fmt: Format) -> bool:
     """Whether products with `fmt` weights can quantize activations to 8 bits here (native kernels built
-    with AVX-512 VNNI)."""
+    with AVX-512 VNNI or AVX2)."""
     module = _native(fmt)
     return module is not None and fmt.name in INT8_FORMATS and module.int8_available()
 

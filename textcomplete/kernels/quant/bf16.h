@@ -22,6 +22,11 @@ struct BF16 {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
     v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {
+    v[0] = vec_load(reinterpret_cast<const c10::BFloat16*>(b));
+    v[1] = vec_load(reinterpret_cast<const c10::BFloat16*>(b + 16));
+  }
 #endif
 };
 

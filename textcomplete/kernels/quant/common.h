@@ -2,8 +2,8 @@
 //
 // A format is a struct with kType (its GGML type id), kBlock (values per block as the kernels walk it),
 // kBytes (bytes per block) and two decoders of one block: into floats (portable; also the tests' oracle)
-// and, with AVX-512, into kBlock / 16 vectors. Blocks sit at any byte offset: every load is unaligned.
-// Formats with integer codes add kGroup and codes() for the 8-bit-activation products (int8.h), and may add
+// and, with AVX-512 or AVX2, into kBlock / kLanes vectors of this machine's width (Vec, below). Blocks sit at any byte offset: every load is unaligned.
+// Formats with integer codes add kGroup, kCodeBits and codes() for the 8-bit-activation products (int8.h), and may add
 // dot_int8, which multiplies one block by rows of 8-bit x straight from its bytes (narrow products).
 #pragma once
 
@@ -12,15 +12,27 @@
 #include <cstdint>
 #include <cstring>
 
-// The vector decoders need AVX-512 F and BW (every AVX-512 server core has both); anything else compiles
-// the portable ones only.
+// The vector decoders come in two widths: AVX-512 F and BW (every AVX-512 server core has both), else AVX2
+// with FMA and F16C (x86 desktops and laptops since 2013); anything else compiles the portable ones only.
+// The build is -march=native, so the machine that compiles is the machine that runs.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define TCQ_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TCQ_AVX2 1
+#include <immintrin.h>
 #endif
-// The 8-bit-activation products (int8.h and the formats' dot_int8) need VNNI as well.
+#if defined(TCQ_AVX512) || defined(TCQ_AVX2)
+#define TCQ_VECTOR 1
+#endif
+// The 8-bit-activation products (int8.h and the formats' dot_int8): AVX-512 with VNNI (vpdpbusd), or AVX2
+// (vpmaddubsw then vpmaddwd, three instructions for one vpdpbusd of half the width). An AVX-512 machine
+// without VNNI keeps them out.
 #if defined(TCQ_AVX512) && defined(__AVX512VNNI__)
 #define TCQ_VNNI 1
+#endif
+#if defined(TCQ_VNNI) || defined(TCQ_AVX2)
+#define TCQ_INT8 1
 #endif
 
 namespace tcq {
@@ -45,6 +57,101 @@ inline float half_at(const uint8_t* p) {
   return c10::detail::fp16_ieee_to_fp32_value(load_u16(p));
 #endif
 }
+
+// Vec: kLanes float32 lanes, the width the decoders fill and the products consume, and the few operations
+// the width-independent kernels (matmul.h, the decode layers' attention) use on it.
+#if defined(TCQ_AVX512)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec vec_zero() { return _mm512_setzero_ps(); }
+inline Vec vec_set1(float v) { return _mm512_set1_ps(v); }
+inline Vec vec_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vec_load(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Vec vec_load(const c10::BFloat16* p) {   // bfloat16 is the top half of a float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void vec_store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vec_add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vec_sum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(TCQ_AVX2)
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec vec_zero() { return _mm256_setzero_ps(); }
+inline Vec vec_set1(float v) { return _mm256_set1_ps(v); }
+inline Vec vec_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vec_load(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec vec_load(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline void vec_store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vec_add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vec_sum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 bytes at p, zero-extended into the 8 lanes of a vector of int32.
+inline __m256i widen8_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 8 int8 at p as float32.
+inline __m256 widen8_i8_ps(const void* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+}
+
+// Lanes 0-7 of a vector of int32 as float32 (the codes of a block format are small integers: exact).
+inline __m256 to_float(__m256i v) { return _mm256_cvtepi32_ps(v); }
+
+// The low four bits of each lane (the low nibble of a widened byte), and bits 4-7 (its high nibble).
+inline __m256i low_nibble(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
+inline __m256i high_nibble(__m256i v) { return _mm256_srli_epi32(v, 4); }
+
+// Lane i of the result: the sum of the four products of bytes 4i..4i+3 of `codes` (unsigned, at most 128)
+// with the same bytes of `x` (signed, within +-127, so that vpmaddubsw's 16-bit pair sums cannot saturate),
+// added to `acc`.
+inline __m256i dot_u8_i8(__m256i acc, __m256i codes, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+}
+
+// Lane i: bit (first + i) of `bits` moved to bit 4, the rest zero (a five-bit code's top bit); `bits` has
+// been shifted so that first + i >= 0 names the bit wanted.
+inline __m256i fifth_bits(__m256i bits, int first) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(lanes, _mm256_set1_epi32(first))),
+                          _mm256_set1_epi32(16));
+}
+#endif
+
+#ifdef TCQ_VECTOR
+// Helpers of the formats' codes() (int8.h), in AVX2 instructions, which AVX-512 machines have too.
+
+// The 32 codes of 16 bytes of nibbles: the low nibbles, then the high ones.
+inline __m256i nibble_codes(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), nibble = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+}
+
+// Byte j: bit j of `bits` moved to bit 4 (the top bit of a five-bit code), the rest zero.
+inline __m256i fifth_bit_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(   // byte j: byte j / 8 of `bits` (each 128-bit lane holds all four)
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));   // byte j: bit j % 8
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+inline void store_codes(uint8_t* c, __m256i codes) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), codes); }
+#endif
 
 #ifdef TCQ_AVX512
 // Hides the contents of the memory at p from the optimizer. Per-block factors stored to a small array are

@@ -16,6 +16,11 @@ struct F16 {
   static void decode(const uint8_t* b, __m512* v) {
     v[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {
+    v[0] = vec_load(reinterpret_cast<const c10::Half*>(b));
+    v[1] = vec_load(reinterpret_cast<const c10::Half*>(b + 16));
+  }
 #endif
 };
 

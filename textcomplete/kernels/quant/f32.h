@@ -18,6 +18,11 @@ struct F32 {
   }
 #ifdef TCQ_AVX512
   static void decode(const uint8_t* b, __m512* v) { v[0] = _mm512_loadu_ps(b); }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {
+    v[0] = _mm256_loadu_ps(reinterpret_cast<const float*>(b));
+    v[1] = _mm256_loadu_ps(reinterpret_cast<const float*>(b + 32));
+  }
 #endif
 };
 

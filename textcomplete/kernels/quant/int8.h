@@ -6,11 +6,13 @@
 // weight block gives unsigned integer codes with a float scale and offset per group of kGroup values
 // (value = scale * code + offset, see each format's codes()), so a group's contribution to y is
 //     scale * d * sum(code * q) + offset * d * sum(q)
-// and the integer sums run on AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products a cycle).
+// and the integer sums run on AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products an instruction) or on
+// AVX2 (vpmaddubsw and vpmaddwd: 32 products in two instructions and an add; see dot_u8_i8 in common.h).
 //
 // Tiles of 16 weight rows ("panels") are decoded once per step into codes interleaved by 4 values
 // ([K / 4][16 rows][4 codes]), so that one vpdpbusd multiplies 4 values of 16 weight rows by the same 4
-// values of one row of x (broadcast), accumulating 16 outputs; every row of x reuses the decoded panel.
+// values of one row of x (broadcast), accumulating 16 outputs; AVX2 takes the panel in two halves of 8 rows.
+// Every row of x reuses the decoded panel.
 #pragma once
 
 #include <torch/extension.h>
@@ -39,8 +41,19 @@ struct HasInt8Direct : std::false_type {};
 template <class F>
 struct HasInt8Direct<F, std::void_t<decltype(&F::template dot_int8<1>)>> : std::true_type {};
 
+// AVX2's byte products (vpmaddubsw) sum pairs of code x value into 16 bits, saturating. With x within +-127,
+// codes of at most 6 bits leave room to add `runs` pair sums in 16 bits (wrapping, exact while in range)
+// before widening: 8 of 4-bit codes (|sum| <= 8 * 2 * 15 * 127 = 30480), 4 of 5-bit, 2 of 6-bit. 8-bit codes
+// (Q8_0's q + 128) would saturate a single pair, so the kernels multiply the signed q = code - 128 instead.
+template <class F>
+struct CodeRange {
+  static constexpr bool kWide = F::kCodeBits > 7;
+  static constexpr int kRuns = kWide ? 1 : 1 << (7 - F::kCodeBits);
+  static_assert(F::kCodeBits >= 4 && F::kCodeBits <= 8, "codes of 4 to 8 bits");
+};
+
 inline bool int8_available() {
-#ifdef TCQ_VNNI
+#ifdef TCQ_INT8
   return true;
 #else
   return false;
@@ -124,6 +137,25 @@ inline void transpose16(const __m512i* in, __m512i* out) {
     out[12 + i] = _mm512_shuffle_i32x4(r01_odd, r23_odd, 0xDD);     // lane 3
   }
 }
+#elif defined(TCQ_AVX2)
+// 8 rows of 8 dwords each (rows `r[i]`) transposed in place: r[j] then holds dword j of every row.
+inline void transpose8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);       // dwords 0, 1 | 4, 5 of rows i, i + 1, interleaved
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);   // dwords 2, 3 | 6, 7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);       // dword 0 | 4 of rows i..i + 3
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);   // dword 1 | 5
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);   // dword 2 | 6
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);   // dword 3 | 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);       // low 128-bit lanes: dword j
+    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);   // high lanes: dword j + 4
+  }
+}
 #endif
 
 // One decoded tile: up to kInt8TileRows weight rows x `width` values of K, as panels.
@@ -175,6 +207,17 @@ void decode_tile(const uint8_t* w, int64_t ldw, int64_t first, int64_t count, in
       transpose16(in, tr);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (q + i) * 64, tr[i]);
     }
+#elif defined(TCQ_AVX2)
+    for (; q + 8 <= quads; q += 8) {   // 32 values of 8 rows at a time, each half of the panel
+      for (int h = 0; h < 2; ++h) {
+        __m256i r[8];
+        for (int c = 0; c < 8; ++c) {
+          r[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.rows.data() + (8 * h + c) * width + 4 * q));
+        }
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (q + i) * 64 + 32 * h), r[i]);
+      }
+    }
 #endif
     for (; q < quads; ++q) {
       for (int c = 0; c < 16; ++c) std::memcpy(out + q * 64 + 4 * c, t.rows.data() + c * width + 4 * q, 4);
@@ -184,10 +227,12 @@ void decode_tile(const uint8_t* w, int64_t ldw, int64_t first, int64_t count, in
 
 #ifdef TCQ_VNNI
 // y[r, 0..cols) += the products of R rows of quantized x with one decoded panel over `width` values.
-template <int R, int64_t G>
+// `count` (at most 16) of the panel's rows are real; Wide and Runs are unused (vpdpbusd does not saturate).
+template <int R, int64_t G, bool Wide, int Runs>
 inline void panel_product(const uint8_t* codes, const float* scale, const float* offset, int64_t width,
                           const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y,
-                          int64_t ldy, __mmask16 cols) {
+                          int64_t ldy, int64_t count) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << count) - 1);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < width / G; ++g) {
@@ -212,13 +257,70 @@ inline void panel_product(const uint8_t* codes, const float* scale, const float*
     _mm512_mask_storeu_ps(yr, cols, _mm512_add_ps(_mm512_maskz_loadu_ps(cols, yr), acc[r]));
   }
 }
+#elif defined(TCQ_AVX2)
+// The same product in two passes, one per half of the panel (8 weight rows: one vector of sums per row of x);
+// Runs quads of pair sums add in 16 bits before they widen (CodeRange). With Wide codes the byte products
+// take |code - 128| and x with the sign of code - 128 (both within the range vpmaddubsw cannot saturate),
+// and the group's offset gains the 128 * scale taken out of the codes.
+template <int R, int64_t G, bool Wide, int Runs>
+inline void panel_product(const uint8_t* codes, const float* scale, const float* offset, int64_t width,
+                          const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg, float* y,
+                          int64_t ldy, int64_t count) {
+  for (int64_t h = 0; h < 2 && 8 * h < count; ++h) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < width / G; ++g) {
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+      for (int64_t i0 = 0; i0 < G / 4; i0 += Runs) {
+        __m256i pairs[R];   // 16-bit sums of pairs of products
+        for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+        for (int64_t i = i0; i < std::min<int64_t>(G / 4, i0 + Runs); ++i) {
+          __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (g * G / 4 + i) * 64 + 32 * h));
+          __m256i sign = w;
+          if constexpr (Wide) {
+            sign = _mm256_xor_si256(w, _mm256_set1_epi8(-128));   // code - 128, signed
+            w = _mm256_abs_epi8(sign);
+          }
+          for (int r = 0; r < R; ++r) {
+            __m256i xq = _mm256_set1_epi32(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(
+                q + r * ldq + g * G + 4 * i))));
+            if constexpr (Wide) xq = _mm256_sign_epi8(xq, sign);
+            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(w, xq));
+          }
+        }
+        for (int r = 0; r < R; ++r) sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+      }
+      const __m256 s = _mm256_loadu_ps(scale + g * kPanel + 8 * h);
+      __m256 o = _mm256_loadu_ps(offset + g * kPanel + 8 * h);
+      if constexpr (Wide) o = _mm256_fmadd_ps(s, _mm256_set1_ps(128.f), o);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(s, _mm256_set1_ps(dx[r * ldg + g])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xs[r * ldg + g]), acc[r]);
+      }
+    }
+    const int64_t cols = std::min<int64_t>(8, count - 8 * h);
+    for (int r = 0; r < R; ++r) {
+      float* yr = y + r * ldy + 8 * h;
+      if (cols == 8) {
+        _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), acc[r]));
+      } else {
+        alignas(32) float part[8];
+        _mm256_store_ps(part, acc[r]);
+        for (int64_t c = 0; c < cols; ++c) yr[c] += part[c];
+      }
+    }
+  }
+}
 #endif
 
 // y[M, N] = x @ W.T with x quantized to 8 bits; F must have codes and K be a multiple of 32.
 template <class F>
 void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
-#ifdef TCQ_VNNI
+#ifdef TCQ_INT8
   constexpr int64_t G = F::kGroup;
+  constexpr bool Wide = CodeRange<F>::kWide;
+  constexpr int Runs = CodeRange<F>::kRuns;
   const QuantizedRows xq(x, G);
   const int64_t m = x.size(0), ldg = xq.ldg;
   float* yp = y.data_ptr<float>();
@@ -233,7 +335,6 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
         decode_tile<F>(w, ldw, first, count, k0, width, tile);
         for (int64_t p = 0; p * kPanel < count; ++p) {
           const int64_t cols = std::min(kPanel, count - p * kPanel);
-          const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
           const uint8_t* codes = tile.codes.data() + p * quads * 64;
           const float* scale = tile.scale.data() + p * groups * kPanel;
           const float* offset = tile.offset.data() + p * groups * kPanel;
@@ -243,10 +344,10 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
             const float* sr = xq.sums(r, k0, G);
             float* yr = yp + r * n + first + p * kPanel;
             switch (std::min<int64_t>(kRowBlock, m - r)) {
-              case 1: panel_product<1, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
-              case 2: panel_product<2, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
-              case 3: panel_product<3, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
-              default: panel_product<4, G>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, mask); break;
+              case 1: panel_product<1, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
+              case 2: panel_product<2, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
+              case 3: panel_product<3, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
+              default: panel_product<4, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
             }
           }
         }
@@ -254,7 +355,7 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
     }
   });
 #else
-  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI");
+  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI or AVX2");
 #endif
 }
 

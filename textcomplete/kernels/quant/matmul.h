@@ -11,7 +11,8 @@
 //    codes take tiles of them, narrow ones of the formats with an in-register kernel (F::dot_int8) read the
 //    blocks directly, like the float32 direct path.
 // All parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
-// (see quant/common.h); `portable` forces its scalar decoder, which non-AVX-512 machines always use.
+// (see quant/common.h) with a portable scalar decoder and vector ones for AVX-512 and AVX2; `portable`
+// forces the scalar one, which other machines always use. The 8-bit products need AVX-512 VNNI or AVX2.
 //
 // Layout contract (checked here and in textcomplete/quant/__init__.py):
 //   x    [M, K] float32, contiguous
@@ -87,12 +88,12 @@ template <class F>
 void decode_row(const uint8_t* w, int64_t k, float* y, bool portable) {
   const int64_t blocks = k / F::kBlock;
   int64_t b = 0;
-#ifdef TCQ_AVX512
+#ifdef TCQ_VECTOR
   if (!portable) {
     for (; b < blocks; ++b) {
-      __m512 v[F::kBlock / 16];
+      Vec v[F::kBlock / kLanes];
       F::decode(w + b * F::kBytes, v);
-      for (int i = 0; i < F::kBlock / 16; ++i) _mm512_storeu_ps(y + b * F::kBlock + 16 * i, v[i]);
+      for (int i = 0; i < F::kBlock / kLanes; ++i) vec_store(y + b * F::kBlock + kLanes * i, v[i]);
     }
   }
 #endif
@@ -134,7 +135,7 @@ void dot_portable(const uint8_t* w, const float* x, int64_t ldx, int64_t k, floa
   for (int r = 0; r < R; ++r) y[r * ldy] += acc[r];
 }
 
-#ifdef TCQ_AVX512
+#ifdef TCQ_VECTOR
 // fn(std::integral_constant<int, i>) for i < N: loop indices known at compile time, so that small arrays of
 // vectors indexed by them stay in registers.
 template <class Fn, int... I>
@@ -151,20 +152,20 @@ inline void unroll(Fn fn) {
 // overlap.
 template <class F, int R>
 void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy) {
-  constexpr int V = F::kBlock / 16;
+  constexpr int V = F::kBlock / kLanes;
   constexpr int U = V >= 8 ? 1 : 8 / V;
   constexpr int C = R == 1 ? 4 : 2;
-  __m512 acc[R][C];
-  unroll<R * C>([&](auto i) { acc[i / C][i % C] = _mm512_setzero_ps(); });
+  Vec acc[R][C];
+  unroll<R * C>([&](auto i) { acc[i / C][i % C] = vec_zero(); });
   auto step = [&](int64_t b, auto units) {
     unroll<decltype(units)::value>([&](auto u) {
       constexpr int kU = decltype(u)::value;
-      __m512 v[V];
+      Vec v[V];
       F::decode(w + (b + kU) * F::kBytes, v);
       const float* xb = x + (b + kU) * F::kBlock;
       unroll<V * R>([&](auto ir) {
         constexpr int i = decltype(ir)::value / R, r = decltype(ir)::value % R, c = (kU * V + i) % C;
-        acc[r][c] = _mm512_fmadd_ps(v[i], _mm512_loadu_ps(xb + r * ldx + 16 * i), acc[r][c]);
+        acc[r][c] = vec_fmadd(v[i], vec_load(xb + r * ldx + kLanes * i), acc[r][c]);
       });
     });
   };
@@ -174,9 +175,9 @@ void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float*
   for (; b < blocks; ++b) step(b, std::integral_constant<int, 1>{});
   float sums[R];
   unroll<R>([&](auto r) {
-    __m512 total = acc[r][0];
-    unroll<C - 1>([&](auto c) { total = _mm512_add_ps(total, acc[r][c + 1]); });
-    sums[r] = _mm512_reduce_add_ps(total);
+    Vec total = acc[r][0];
+    unroll<C - 1>([&](auto c) { total = vec_add(total, acc[r][c + 1]); });
+    sums[r] = vec_sum(total);
   });
   dot_tail<F, R>(w, x, ldx, k, sums);
   for (int r = 0; r < R; ++r) y[r * ldy] += sums[r];
@@ -185,7 +186,7 @@ void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float*
 
 template <class F, int R>
 void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy, bool portable) {
-#ifdef TCQ_AVX512
+#ifdef TCQ_VECTOR
   if (!portable) return dot_vector<F, R>(w, x, ldx, k, y, ldy);
 #endif
   dot_portable<F, R>(w, x, ldx, k, y, ldy);
@@ -227,19 +228,19 @@ void direct_range(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64
   });
 }
 
-#ifdef TCQ_VNNI
+#ifdef TCQ_INT8
 // y[r * ldy] += R rows of 8-bit x times `width` values of a weight row, block by block (F::dot_int8).
 template <class F, int R>
 void dot_int8_rows(const uint8_t* w, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                    int64_t width, float* y, int64_t ldy) {
   constexpr int64_t G = F::kGroup;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vec_zero();
   for (int64_t b = 0; b < width / F::kBlock; ++b) {
     F::template dot_int8<R>(w + b * F::kBytes, q + b * F::kBlock, ldq, dx + b * F::kBlock / G,
                             xs + b * F::kBlock / G, ldg, acc);
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] += _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) y[r * ldy] += vec_sum(acc[r]);
 }
 
 // direct_range with x quantized to 8 bits (int8.h), for formats with an in-register 8-bit kernel.
@@ -317,7 +318,7 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
       const int64_t ldw = parts[i].raw.stride(0);
       with_format(Formats{}, parts[i].type, [&](auto f) {
         using F = decltype(f);
-#ifdef TCQ_VNNI
+#ifdef TCQ_INT8
         if constexpr (HasInt8Direct<F>::value) {
           if (quantize) return direct_int8_range<F>(quantized_for(F::kGroup), m, k, w, ldw, lo, hi, yp + first[i], n);
         }
@@ -441,10 +442,19 @@ inline at::Tensor dequantize(const at::Tensor& raw, int64_t type, int64_t k, boo
 }
 
 inline bool vectorized() {
-#ifdef TCQ_AVX512
+#ifdef TCQ_VECTOR
   return true;
 #else
   return false;
+#endif
+}
+
+// float32 lanes of the vector decoders (16 with AVX-512, 8 with AVX2), 1 when only the portable ones exist.
+inline int vector_lanes() {
+#ifdef TCQ_VECTOR
+  return kLanes;
+#else
+  return 1;
 #endif
 }
 

@@ -9,12 +9,17 @@ namespace tcq {
 struct Q4_0 {
   static constexpr int64_t kType = 2, kBlock = 32, kBytes = 18, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
+  static constexpr int kCodeBits = 4;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
+#ifdef TCQ_VECTOR
+    store_codes(c, nibble_codes(b + 2));
+#else
     for (int j = 0; j < 16; ++j) {
       c[j] = b[2 + j] & 15;
       c[j + 16] = b[2 + j] >> 4;
     }
+#endif
     scale[0] = half_at(b);
     offset[0] = -8.f * scale[0];
   }
@@ -32,6 +37,17 @@ struct Q4_0 {
     const __m512i q = widen_u8(b + 2);
     v[0] = lookup16(q, table);
     v[1] = lookup16(_mm512_srli_epi32(q, 4), table);
+  }
+#elif defined(TCQ_AVX2)
+  // (q - 8) * d as q * d - 8 * d, fused: 8 * d is exact, so it rounds once, as the portable decoder does.
+  static void decode(const uint8_t* b, __m256* v) {
+    const float scale = half_at(b);
+    const __m256 d = _mm256_set1_ps(scale), offset = _mm256_set1_ps(-8.f * scale);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = widen8_u8(b + 2 + 8 * h);
+      v[h] = _mm256_fmadd_ps(to_float(low_nibble(q)), d, offset);
+      v[2 + h] = _mm256_fmadd_ps(to_float(high_nibble(q)), d, offset);
+    }
   }
 #endif
 };

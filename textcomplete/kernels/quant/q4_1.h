@@ -8,12 +8,17 @@ namespace tcq {
 struct Q4_1 {
   static constexpr int64_t kType = 3, kBlock = 32, kBytes = 20, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
+  static constexpr int kCodeBits = 4;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
+#ifdef TCQ_VECTOR
+    store_codes(c, nibble_codes(b + 4));
+#else
     for (int j = 0; j < 16; ++j) {
       c[j] = b[4 + j] & 15;
       c[j + 16] = b[4 + j] >> 4;
     }
+#endif
     scale[0] = half_at(b);
     offset[0] = half_at(b + 2);
   }
@@ -32,6 +37,15 @@ struct Q4_1 {
     const __m512i q = widen_u8(b + 4);
     v[0] = lookup16(q, table);
     v[1] = lookup16(_mm512_srli_epi32(q, 4), table);
+  }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {   // q * d + m, rounded twice like the portable decoder
+    const __m256 d = _mm256_set1_ps(half_at(b)), m = _mm256_set1_ps(half_at(b + 2));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = widen8_u8(b + 4 + 8 * h);
+      v[h] = _mm256_add_ps(_mm256_mul_ps(to_float(low_nibble(q)), d), m);
+      v[2 + h] = _mm256_add_ps(_mm256_mul_ps(to_float(high_nibble(q)), d), m);
+    }
   }
 #endif
 };

@@ -76,16 +76,42 @@ inline void k_dot_int8(const uint8_t* b, const __m512i* codes, const int8_t* q, 
     acc[r] = _mm512_fnmadd_ps(factors, x_sums, acc[r]);
   }
 }
+#elif defined(TCQ_INT8)
+// The AVX2 k_dot_int8: codes[j] holds the 32 codes of sub-block j. Each sub-block's 8 sums take d * scale_j
+// times x's scale; the mins, one sub-block a lane, dmin * min_j times x's sum over sub-block j.
+template <int R>
+inline void k_dot_int8(const uint8_t* b, const __m256i* codes, const int8_t* q, int64_t ldq, const float* dx,
+                       const float* xs, int64_t ldg, __m256* acc) {
+  float mul[8], off[8];
+  k_factors(b, mul, off);
+  const __m256 mins = _mm256_loadu_ps(off);
+  for (int r = 0; r < R; ++r) {
+    const int8_t* qr = q + r * ldq;
+    const float* dr = dx + r * ldg;
+    for (int j = 0; j < 8; ++j) {
+      const __m256i sums = dot_u8_i8(_mm256_setzero_si256(), codes[j],
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * j)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(mul[j] * dr[j]), acc[r]);
+    }
+    acc[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+  }
+}
 #endif
 
 struct Q4_K {
   static constexpr int64_t kType = 12, kBlock = 256, kBytes = 144, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
+  static constexpr int kCodeBits = 4;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
     float off[8];
     k_factors(b, scale, off);
     for (int j = 0; j < 8; ++j) offset[j] = -off[j];
+#ifdef TCQ_VECTOR
+    __m256i v[8];
+    code_vectors(b, v);
+    for (int j = 0; j < 8; ++j) store_codes(c + 32 * j, v[j]);
+#else
     const uint8_t* q = b + 16;
     for (int s = 0; s < 4; ++s, q += 32, c += 64) {
       for (int l = 0; l < 32; ++l) {
@@ -93,7 +119,19 @@ struct Q4_K {
         c[l + 32] = q[l] >> 4;
       }
     }
+#endif
   }
+#ifdef TCQ_VECTOR
+  // The codes of sub-block j in v[j]: a 32-byte run of nibbles holds sub-blocks 2c (low) and 2c + 1 (high).
+  static void code_vectors(const uint8_t* b, __m256i* v) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i run = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
+      v[2 * c] = _mm256_and_si256(run, nibble);
+      v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(run, 4), nibble);
+    }
+  }
+#endif
 
   static void decode(const uint8_t* b, float* y) {
     float mul[8], off[8];
@@ -123,6 +161,21 @@ struct Q4_K {
       v[4 * c + 3] = lookup16(_mm512_srli_epi32(q1, 4), high);
     }
   }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {
+    float mul[8], off[8];
+    k_factors(b, mul, off);
+    const uint8_t* q = b + 16;
+    for (int c = 0; c < 4; ++c) {
+      const __m256 m0 = _mm256_set1_ps(mul[2 * c]), o0 = _mm256_set1_ps(off[2 * c]);
+      const __m256 m1 = _mm256_set1_ps(mul[2 * c + 1]), o1 = _mm256_set1_ps(off[2 * c + 1]);
+      for (int h = 0; h < 4; ++h) {
+        const __m256i codes = widen8_u8(q + 32 * c + 8 * h);
+        v[8 * c + h] = _mm256_fmsub_ps(to_float(low_nibble(codes)), m0, o0);
+        v[8 * c + 4 + h] = _mm256_fmsub_ps(to_float(high_nibble(codes)), m1, o1);
+      }
+    }
+  }
 #endif
 #ifdef TCQ_VNNI
   // acc[r] += this block times rows r < R of 8-bit x (see k_dot_int8). A 32-byte run of nibbles, its low and
@@ -137,6 +190,14 @@ struct Q4_K {
       codes[c] = _mm512_and_si512(
           _mm512_inserti64x4(_mm512_castsi256_si512(run), _mm256_srli_epi16(run, 4), 1), nibble);
     }
+    k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
+  }
+#elif defined(TCQ_INT8)
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    __m256i codes[8];
+    code_vectors(b, codes);
     k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
   }
 #endif

@@ -9,13 +9,18 @@ namespace tcq {
 struct Q5_0 {
   static constexpr int64_t kType = 6, kBlock = 32, kBytes = 22, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
+  static constexpr int kCodeBits = 5;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
+#ifdef TCQ_VECTOR
+    store_codes(c, _mm256_or_si256(nibble_codes(b + 6), fifth_bit_bytes(load_u32(b + 2))));
+#else
     const uint32_t qh = load_u32(b + 2);
     for (int j = 0; j < 16; ++j) {
       c[j] = (b[6 + j] & 15) | (((qh >> j) & 1) << 4);
       c[j + 16] = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
     }
+#endif
     scale[0] = half_at(b);
     offset[0] = -16.f * scale[0];
   }
@@ -39,6 +44,21 @@ struct Q5_0 {
     const __m512i q = widen_u8(b + 6);
     v[0] = lookup32(five_bit_code(q, bit_to_fifth(qh, 0)), lo, hi);
     v[1] = lookup32(five_bit_code(_mm512_srli_epi32(q, 4), bit_to_fifth(qh, 16)), lo, hi);
+  }
+#elif defined(TCQ_AVX2)
+  // (q - 16) * d as q * d - 16 * d, fused (one rounding, as Q4_0). Value i's fifth bit is bit i of qh: bit i
+  // of qh << 4 for values 0-15, of qh >> 12 for 16-31, shifted right by i and i - 16 onto bit 4.
+  static void decode(const uint8_t* b, __m256* v) {
+    const float scale = half_at(b);
+    const __m256 d = _mm256_set1_ps(scale), offset = _mm256_set1_ps(-16.f * scale);
+    const uint32_t qh = load_u32(b + 2);
+    const __m256i low_bits = _mm256_set1_epi32(static_cast<int>(qh << 4));
+    const __m256i high_bits = _mm256_set1_epi32(static_cast<int>(qh >> 12));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = widen8_u8(b + 6 + 8 * h);
+      v[h] = _mm256_fmadd_ps(to_float(_mm256_or_si256(low_nibble(q), fifth_bits(low_bits, 8 * h))), d, offset);
+      v[2 + h] = _mm256_fmadd_ps(to_float(_mm256_or_si256(high_nibble(q), fifth_bits(high_bits, 8 * h))), d, offset);
+    }
   }
 #endif
 };

@@ -12,11 +12,17 @@ namespace tcq {
 struct Q5_K {
   static constexpr int64_t kType = 13, kBlock = 256, kBytes = 176, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
+  static constexpr int kCodeBits = 5;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
     float off[8];
     k_factors(b, scale, off);
     for (int j = 0; j < 8; ++j) offset[j] = -off[j];
+#ifdef TCQ_VECTOR
+    __m256i v[8];
+    code_vectors(b, v);
+    for (int j = 0; j < 8; ++j) store_codes(c + 32 * j, v[j]);
+#else
     const uint8_t* qh = b + 16;
     const uint8_t* q = b + 48;
     for (int s = 0; s < 4; ++s, q += 32, c += 64) {
@@ -25,7 +31,22 @@ struct Q5_K {
         c[l + 32] = (q[l] >> 4) | (((qh[l] >> (2 * s + 1)) & 1) << 4);
       }
     }
+#endif
   }
+#ifdef TCQ_VECTOR
+  // The codes of sub-block j in v[j]: Q4_K's nibbles, and as fifth bits bit j of each byte of qh.
+  static void code_vectors(const uint8_t* b, __m256i* v) {
+    const __m256i nibble = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    for (int c = 0; c < 4; ++c) {
+      const __m256i run = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c));
+      const __m256i low = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)), one);
+      const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)), one);
+      v[2 * c] = _mm256_or_si256(_mm256_and_si256(run, nibble), _mm256_slli_epi16(low, 4));
+      v[2 * c + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(run, 4), nibble), _mm256_slli_epi16(high, 4));
+    }
+  }
+#endif
 
   static void decode(const uint8_t* b, float* y) {
     float mul[8], off[8];
@@ -70,6 +91,28 @@ struct Q5_K {
       v[2 * j + 1] = lookup32(widen_u8(codes + 32 * j + 16), low, high);
     }
   }
+#elif defined(TCQ_AVX2)
+  static void decode(const uint8_t* b, __m256* v) {
+    float mul[8], off[8];
+    k_factors(b, mul, off);
+    __m256i qh[4];   // qh[8h..8h+7], one byte a lane: bit j is the fifth bit of sub-block j's values
+    for (int h = 0; h < 4; ++h) qh[h] = widen8_u8(b + 16 + 8 * h);
+    const __m256i bit4 = _mm256_set1_epi32(16);
+    for (int c = 0; c < 4; ++c) {
+      const __m256 m0 = _mm256_set1_ps(mul[2 * c]), o0 = _mm256_set1_ps(off[2 * c]);
+      const __m256 m1 = _mm256_set1_ps(mul[2 * c + 1]), o1 = _mm256_set1_ps(off[2 * c + 1]);
+      for (int h = 0; h < 4; ++h) {
+        const __m256i codes = widen8_u8(b + 48 + 32 * c + 8 * h);
+        // bit 2c of qh onto bit 4, and bit 2c + 1 (shifts by 4 - j, or j - 4 for j > 4)
+        const __m256i even = c < 3 ? _mm256_slli_epi32(qh[h], 4 - 2 * c) : _mm256_srli_epi32(qh[h], 2);
+        const __m256i odd = c < 2 ? _mm256_slli_epi32(qh[h], 3 - 2 * c) : _mm256_srli_epi32(qh[h], 2 * c - 3);
+        const __m256i lo = _mm256_or_si256(low_nibble(codes), _mm256_and_si256(even, bit4));
+        const __m256i hi = _mm256_or_si256(high_nibble(codes), _mm256_and_si256(odd, bit4));
+        v[8 * c + h] = _mm256_sub_ps(_mm256_mul_ps(to_float(lo), m0), o0);
+        v[8 * c + 4 + h] = _mm256_sub_ps(_mm256_mul_ps(to_float(hi), m1), o1);
+      }
+    }
+  }
 #endif
 #ifdef TCQ_VNNI
   // acc[r] += this block times rows r < R of 8-bit x (k_dot_int8): run_codes with their stray top bits
@@ -79,6 +122,14 @@ struct Q5_K {
                        __m512* acc) {
     __m512i codes[4];
     for (int c = 0; c < 4; ++c) codes[c] = _mm512_and_si512(run_codes(b, c), _mm512_set1_epi8(31));
+    k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
+  }
+#elif defined(TCQ_INT8)
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    __m256i codes[8];
+    code_vectors(b, codes);
     k_dot_int8<R>(b, codes, q, ldq, dx, xs, ldg, acc);
   }
 #endif

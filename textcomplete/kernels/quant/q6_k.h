@@ -14,14 +14,20 @@ namespace tcq {
 struct Q6_K {
   static constexpr int64_t kType = 14, kBlock = 256, kBytes = 210, kValueBytes = 0;
   static constexpr int64_t kGroup = 16;
+  static constexpr int kCodeBits = 6;
 
-  static void codes(const uint8_t* b, uint8_t* c, float* scale, float* offset) {
+  static void codes(const uint8_t* __restrict b, uint8_t* __restrict c, float* scale, float* offset) {
     const float d = half_at(b + 208);
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
     for (int g = 0; g < 16; ++g) {
       scale[g] = d * static_cast<float>(scales[g]);
       offset[g] = -32.f * scale[g];
     }
+#ifdef TCQ_VECTOR
+    __m256i v[8];
+    code_vectors(b, v);
+    for (int j = 0; j < 8; ++j) store_codes(c + 32 * j, v[j]);
+#else
     for (int h = 0; h < 2; ++h, c += 128) {
       const uint8_t* ql = b + 64 * h;
       const uint8_t* qh = b + 128 + 32 * h;
@@ -32,7 +38,26 @@ struct Q6_K {
         c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
       }
     }
+#endif
   }
+#ifdef TCQ_VECTOR
+  // The unsigned six-bit codes in value order, 32 a vector: v[v'] holds values 32v'..32v' + 31.
+  static void code_vectors(const uint8_t* b, __m256i* v) {
+    const __m256i nibble = _mm256_set1_epi8(15), low_two = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+      auto top = [&](int shift) {   // bits shift, shift + 1 of each byte of qh at bits 4, 5
+        return _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift)), low_two), 4);
+      };
+      v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, nibble), top(0));
+      v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, nibble), top(2));
+      v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble), top(4));
+      v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble), top(6));
+    }
+  }
+#endif
 
   static void decode(const uint8_t* b, float* y) {
     const float d = half_at(b + 208);
@@ -82,6 +107,31 @@ struct Q6_K {
       }
     }
   }
+#elif defined(TCQ_AVX2)
+  // scale * (code - 32) as code * scale - 32 * scale, fused: one rounding of the same exact value.
+  static void decode(const uint8_t* b, __m256* v) {
+    const float d = half_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const __m256i nibble = _mm256_set1_epi32(15), top = _mm256_set1_epi32(0x30);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = b + 64 * h;
+      const uint8_t* qh = b + 128 + 32 * h;
+      for (int r = 0; r < 4; ++r) {   // values 8r..8r + 7 of each run of 32
+        const __m256i high = widen8_u8(qh + 8 * r);   // bits 2t, 2t + 1: the top bits of run t
+        for (int p = 0; p < 2; ++p) {                 // runs p (low nibbles) and p + 2 (high nibbles)
+          const __m256i low = widen8_u8(ql + 32 * p + 8 * r);
+          for (int t = p; t < 4; t += 2) {
+            const __m256i up = 2 * t <= 4 ? _mm256_slli_epi32(high, 4 - 2 * t) : _mm256_srli_epi32(high, 2 * t - 4);
+            const __m256i codes = _mm256_or_si256(_mm256_and_si256(t < 2 ? low : _mm256_srli_epi32(low, 4), nibble),
+                                                  _mm256_and_si256(up, top));
+            const float scale = d * static_cast<float>(scales[8 * h + 2 * t + r / 2]);
+            v[16 * h + 4 * t + r] = _mm256_fmadd_ps(to_float(codes), _mm256_set1_ps(scale),
+                                                    _mm256_set1_ps(-32.f * scale));
+          }
+        }
+      }
+    }
+  }
 #endif
 #ifdef TCQ_VNNI
   // acc[r] += this block times rows r < R of 8-bit x (see k_dot_int8; groups of 16 here). The unsigned
@@ -102,6 +152,33 @@ struct Q6_K {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), spread_lanes(scales, 4 * c, 4), acc[r]);
       }
       acc[r] = _mm512_fmadd_ps(bias, _mm512_loadu_ps(xs + r * ldg), acc[r]);
+    }
+  }
+#elif defined(TCQ_INT8)
+  // The AVX2 one: codes[v] holds values 32v..32v + 31, groups 2v and 2v + 1 (the low and high four sums).
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    const float d = half_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    float scale[16];
+    for (int g = 0; g < 16; ++g) scale[g] = d * static_cast<float>(scales[g]);
+    const __m256 bias_lo = _mm256_mul_ps(_mm256_loadu_ps(scale), _mm256_set1_ps(-32.f));
+    const __m256 bias_hi = _mm256_mul_ps(_mm256_loadu_ps(scale + 8), _mm256_set1_ps(-32.f));
+    __m256i codes[8];
+    code_vectors(b, codes);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qr = q + r * ldq;
+      const float* dr = dx + r * ldg;
+      for (int v = 0; v < 8; ++v) {
+        const __m256i sums = dot_u8_i8(_mm256_setzero_si256(), codes[v],
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * v)));
+        const __m256 factor = _mm256_set_m128(_mm_set1_ps(scale[2 * v + 1] * dr[2 * v + 1]),
+                                              _mm_set1_ps(scale[2 * v] * dr[2 * v]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[r]);
+      }
+      acc[r] = _mm256_fmadd_ps(bias_lo, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+      acc[r] = _mm256_fmadd_ps(bias_hi, _mm256_loadu_ps(xs + r * ldg + 8), acc[r]);
     }
   }
 #endif
