@@ -241,7 +241,8 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
     command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
     env = compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent))
-    path = report.write(docs, runs, bandwidth, env, command.strip(), config, args.note or [], skipped)
+    path = report.write(Path(args.output), runs, bandwidth, env, command.strip(), config, args.note or [],
+                        skipped)
     print(f"wrote {path}")
     return 0
 
@@ -486,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--serve-args", default="",
                       help="Extra options for textcomplete serve in --compare (its threads and KV cache are set "
                            "to match llama-server's).")
-    load.add_argument("--output", default="docs/benchmarks.md", help="Where --compare writes its report.")
+    load.add_argument("--output", default="docs/benchmarks.md",
+                      help="Where --compare writes its report; its plots and server logs go beside it, so give "
+                           "each run a directory of its own (default: docs/benchmarks.md).")
     load.add_argument("--note", action="append", help="A line for the report's notes (repeatable).")
     load.set_defaults(handler=_cmd_bench)
 

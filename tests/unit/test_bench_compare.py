@@ -119,3 +119,9 @@ def test_the_report_names_the_vector_instructions_the_kernels_chose_from():
     assert compare.vector_extensions({"sse4_2"}) == "no AVX2"
     assert any("(" in line and "AVX" in line for line in compare.environment_lines("0.3.36", "abc1234")) \
         or not Path("/proc/cpuinfo").exists()
+
+
+def test_the_report_goes_where_it_is_asked_to(tmp_path):
+    path = tmp_path / "one-run" / "report.md"
+    assert report.write(path, [], 20.0, ["- env"], "textcomplete bench --compare", WorkloadConfig(), [], []) == path
+    assert path.read_text().startswith("# Benchmarks") and not (tmp_path / "one-run" / "benchmarks.md").exists()

@@ -185,10 +185,11 @@ def workload_text(config: WorkloadConfig) -> str:
             f"`max_tokens: 1`, not streamed.")
 
 
-def write(docs: Path, runs: list[ModelRun], bandwidth_gbs: float, env: list[str], command: str,
+def write(path: Path, runs: list[ModelRun], bandwidth_gbs: float, env: list[str], command: str,
           config: WorkloadConfig, notes: list[str], skipped: list[str]) -> Path:
+    """The report at `path` (its plots beside it, as bench-*.png: one report a directory)."""
+    docs = path.parent
     docs.mkdir(parents=True, exist_ok=True)
-    path = docs / "benchmarks.md"
     tail = kept_tail(path)
     images = plot(runs, docs) if runs else []
     top = max(config.concurrency)
