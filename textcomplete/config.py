@@ -44,8 +44,9 @@ class EngineConfig:
         "help": "Activations of the products with stored weights: float32 (exact: equal to float32 on the "
                 "stored values) or int8, which quantizes them to 8 bits in blocks of 32 for integer dot products: "
                 "faster, not exact. Steps of more than 8 rows (prefill, wide batches) take them on Q8_0, Q4_0, "
-                "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights, decode steps on Q4_K, Q5_K and Q6_K (the "
-                "others are as fast in float32 there); CPUs with AVX-512 VNNI or AVX2 (others stay float32)."})
+                "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights, decode steps on Q4_K, Q5_K and Q6_K (with AVX2: "
+                "on all of them; with AVX-512 the others are as fast in float32 there); CPUs with AVX-512 VNNI "
+                "or AVX2 (others stay float32)."})
     native_decode: bool = field(default=True, metadata={
         "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
                 "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "

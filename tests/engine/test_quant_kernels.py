@@ -123,22 +123,31 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 INT8_FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
-# Formats whose narrow products (decode steps) multiply 8-bit x in registers too; the others stay exact there.
-INT8_NARROW_FORMATS = {"Q4_K", "Q5_K", "Q6_K"}
+
+
+def narrow_int8_formats(module) -> set[str]:
+    """Formats whose narrow products (decode steps) multiply 8-bit x in registers too in this build (the K
+    formats everywhere, every integer format on AVX2); the others stay exact there."""
+    return {name for name in INT8_FORMATS if by_name(name).type_id in module.int8_narrow_type_ids()}
+
+
+def test_every_vector_build_multiplies_the_k_formats_in_8_bits_in_decode_steps(each_build):
+    expected = set(INT8_FORMATS) if each_build.vector_lanes() == 8 else {"Q4_K", "Q5_K", "Q6_K"}   # AVX2: all
+    assert narrow_int8_formats(each_build) == expected
 
 
 @pytest.mark.parametrize("name", INT8_FORMATS)
 def test_8_bit_activations_are_exact_on_the_rounded_activations(each_build, name):
     """8-bit products compute x8 @ W.T exactly (x8: x rounded to 8 bits in blocks of 32): only the rounding
     of x differs from the float32 product. Wide products of every format with codes take them, narrow ones
-    those of INT8_NARROW_FORMATS; the rest stay on the exact float32 path."""
+    those of narrow_int8_formats; the rest stay on the exact float32 path."""
     fmt = by_name(name)
     assert each_build.int8_available(), "a build with AVX-512 VNNI or AVX2 has the 8-bit products"
     for m, n, k, raw, x in cases(fmt, seed=2):
         rounded = Oracle(int8_activations(x), raw, fmt, k)
         for direct_rows in (0, DIRECT_ROWS):
             y = each_build.matmul(x, raw, fmt.type_id, k, direct_rows, False, True)
-            if m <= direct_rows and name not in INT8_NARROW_FORMATS:
+            if m <= direct_rows and name not in narrow_int8_formats(each_build):
                 assert_matches_oracle(y, x, raw, fmt, k)
                 continue
             bound = rounded.bound + 1e-6 * rounded.exact.abs().max()
@@ -178,7 +187,7 @@ def test_8_bit_products_do_not_saturate_at_the_extreme_codes(each_build, name):
 
 def test_narrow_8_bit_products_equal_the_wide_ones(each_build):
     """The in-register narrow kernels and the tiled wide ones compute the same rounded product."""
-    for name in sorted(INT8_NARROW_FORMATS):
+    for name in sorted(narrow_int8_formats(each_build)):
         fmt = by_name(name)
         k, n = 256 * 3, 37
         raw = torch.from_numpy(random_blocks(fmt, n, k, seed=5))

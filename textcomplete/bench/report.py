@@ -201,7 +201,8 @@ def write(path: Path, runs: list[ModelRun], bandwidth_gbs: float, env: list[str]
              "other on this machine, on the same GGUF file, with the same threads and the same KV-cache "
              "capacity in tokens: textcomplete in its exact default mode (float32 activations), textcomplete "
              "with `--activations int8` (8-bit activations: in every step on Q4_K, Q5_K and Q6_K weights, in steps of "
-             "more than 8 rows on the other formats) and llama-server.", "",
+             "more than 8 rows on the other formats, in every step on every integer format with AVX2) and "
+             "llama-server.", "",
              "## What ran", "",
              *[f"- {r.model.label}: `{r.model.path.name}`"
                f"{' (random weights at the real shape)' if r.model.random_weights else ' (the shipped file)'}, "

@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &tcq::dequantize, "raw[N, row_bytes] -> float32 [N, K]", py::arg("raw"), py::arg("type_id"),
         py::arg("k"), py::arg("portable"), py::call_guard<py::gil_scoped_release>());
   m.def("type_ids", [] { return tcq::type_ids(tcq::Formats{}); }, "the GGML type ids with a native kernel");
+  m.def("int8_narrow_type_ids", [] { return tcq::int8_narrow_type_ids(tcq::Formats{}); },
+        "the GGML type ids whose narrow products take 8-bit activations too");
   m.def("vectorized", &tcq::vectorized, "whether vector decoders (AVX-512 or AVX2) were compiled in");
   m.def("vector_lanes", &tcq::vector_lanes, "float32 lanes of the vector decoders (1: portable only)");
 }

@@ -81,8 +81,8 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int, native: bool
     """float32 [M, N] = x @ dequantize(raw).T for x float32 [M, K] contiguous and raw uint8 [N, row_bytes]
     (read, never written). The native kernel when it is built and `native`, else PyTorch. With `int8`, products
     quantize x to 8 bits in blocks of 32 (where the format and CPU allow: `int8_supported`; products of at most
-    DIRECT_ROWS rows only on the formats with an in-register kernel, Q4_K, Q5_K and Q6_K), which is faster and not
-    exact."""
+    DIRECT_ROWS rows only on the formats with an in-register kernel: Q4_K, Q5_K and Q6_K, and with AVX2 every
+    integer format), which is faster and not exact."""
     _check_x(x, k)
     _check_raw(raw, fmt, k)
     module = _native(fmt) if native else None

@@ -44,7 +44,8 @@ class StoredLinear(nn.Module):
 def use_int8_activations(model: nn.Module) -> int:
     """Let every stored linear layer of `model` whose format has integer codes quantize the activations of
     products to 8 bits; returns how many do. Steps of few rows stay exact except on Q4_K, Q5_K and Q6_K weights,
-    whose float32 decode is slower than the memory (see textcomplete.quant.matmul)."""
+    whose float32 decode is slower than the memory, and on every integer format with AVX2 (see
+    textcomplete.quant.matmul)."""
     layers = [m for m in model.modules() if isinstance(m, StoredLinear) and int8_supported(m.stored.fmt)]
     for layer in layers:
         layer.int8 = True

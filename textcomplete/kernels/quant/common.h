@@ -153,6 +153,25 @@ inline __m256i fifth_bit_bytes(uint32_t bits) {
 inline void store_codes(uint8_t* c, __m256i codes) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), codes); }
 #endif
 
+#ifdef TCQ_AVX2
+// The narrow 8-bit product of one block of 32 values (the dot_int8 of the 32-value formats on AVX2):
+// acc[r] += scale * dx_r * sum(values * q_r) + offset * xs_r for rows r < R of 8-bit x (int8.h). `values` are
+// unsigned codes with an offset, or, with Signed, the signed values themselves (offset 0), multiplied as
+// |value| times x with the value's sign, so that 8-bit values cannot saturate the byte products.
+template <int R, bool Signed>
+inline void block32_dot_int8(__m256i values, float scale, float offset, const int8_t* q, int64_t ldq, const float* dx,
+                             const float* xs, int64_t ldg, __m256* acc) {
+  const __m256i magnitude = Signed ? _mm256_sign_epi8(values, values) : values;
+  for (int r = 0; r < R; ++r) {
+    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * ldq));
+    if constexpr (Signed) x = _mm256_sign_epi8(x, values);
+    const __m256i sums = dot_u8_i8(_mm256_setzero_si256(), magnitude, x);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale * dx[r * ldg]), acc[r]);
+    if constexpr (!Signed) acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(offset * xs[r * ldg], 0, 0, 0, 0, 0, 0, 0));
+  }
+}
+#endif
+
 #ifdef TCQ_AVX512
 // Hides the contents of the memory at p from the optimizer. Per-block factors stored to a small array are
 // then broadcast by loads (vbroadcastss from memory) rather than by shuffles out of the vector that was

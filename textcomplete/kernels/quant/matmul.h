@@ -441,6 +441,14 @@ inline at::Tensor dequantize(const at::Tensor& raw, int64_t type, int64_t k, boo
   return y;
 }
 
+// The GGML type ids whose narrow products (at most direct_rows rows) multiply 8-bit x in registers.
+template <class... Fs>
+std::vector<int64_t> int8_narrow_type_ids(FormatList<Fs...>) {
+  std::vector<int64_t> ids;
+  if (int8_available()) ((HasInt8Direct<Fs>::value ? ids.push_back(Fs::kType) : void()), ...);
+  return ids;
+}
+
 inline bool vectorized() {
 #ifdef TCQ_VECTOR
   return true;

@@ -48,6 +48,15 @@ struct Q4_1 {
     }
   }
 #endif
+#ifdef TCQ_AVX2
+  // acc[r] += this block times rows r < R of 8-bit x (block32_dot_int8; AVX2 builds only: with AVX-512 the
+  // float32 product is as fast).
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    block32_dot_int8<R, false>(nibble_codes(b + 4), half_at(b), half_at(b + 2), q, ldq, dx, xs, ldg, acc);
+  }
+#endif
 };
 
 }  // namespace tcq

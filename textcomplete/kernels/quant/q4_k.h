@@ -25,12 +25,33 @@ inline void k_scale_min(const uint8_t* s, int j, int* scale, int* min) {
 // The eight sub-blocks' multipliers d * scale_j and offsets dmin * min_j of the super-block at b.
 inline void k_factors(const uint8_t* b, float* mul, float* off) {
   const float d = half_at(b), dmin = half_at(b + 2);
+#ifdef TCQ_VECTOR
+  // k_scale_min for all eight at once, a sub-block a lane, in AVX2 instructions (AVX-512 machines have them):
+  // the byte with the low bits, shifted and masked, or'd with the two top bits of the byte lending them.
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));   // 12 bytes, then codes
+  auto bytes = [&](__m128i index) {   // pshufb: an index of -1 gives a zero byte
+    return _mm256_cvtepu8_epi32(_mm_shuffle_epi8(packed, index));
+  };
+  const __m256i low_bits = _mm256_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15);
+  auto top_bits = [&](__m128i index) { return _mm256_slli_epi32(_mm256_srli_epi32(bytes(index), 6), 4); };
+  const __m256i scale = _mm256_or_si256(
+      _mm256_and_si256(bytes(_mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1)), low_bits),
+      top_bits(_mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, -1, -1, -1, -1)));
+  const __m256i min = _mm256_or_si256(
+      _mm256_and_si256(_mm256_srlv_epi32(bytes(_mm_setr_epi8(4, 5, 6, 7, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1)),
+                                         _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                       low_bits),
+      top_bits(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1)));
+  _mm256_storeu_ps(mul, _mm256_mul_ps(_mm256_cvtepi32_ps(scale), _mm256_set1_ps(d)));
+  _mm256_storeu_ps(off, _mm256_mul_ps(_mm256_cvtepi32_ps(min), _mm256_set1_ps(dmin)));
+#else
   for (int j = 0; j < 8; ++j) {
     int scale, min;
     k_scale_min(b + 4, j, &scale, &min);
     mul[j] = d * static_cast<float>(scale);
     off[j] = dmin * static_cast<float>(min);
   }
+#endif
 }
 
 #ifdef TCQ_AVX512
@@ -82,18 +103,22 @@ inline void k_dot_int8(const uint8_t* b, const __m512i* codes, const int8_t* q, 
 template <int R>
 inline void k_dot_int8(const uint8_t* b, const __m256i* codes, const int8_t* q, int64_t ldq, const float* dx,
                        const float* xs, int64_t ldg, __m256* acc) {
-  float mul[8], off[8];
+  alignas(32) float mul[8], off[8], factor[8];
   k_factors(b, mul, off);
-  const __m256 mins = _mm256_loadu_ps(off);
+  const __m256 muls = _mm256_load_ps(mul), mins = _mm256_load_ps(off);
   for (int r = 0; r < R; ++r) {
     const int8_t* qr = q + r * ldq;
-    const float* dr = dx + r * ldg;
-    for (int j = 0; j < 8; ++j) {
-      const __m256i sums = dot_u8_i8(_mm256_setzero_si256(), codes[j],
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * j)));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(mul[j] * dr[j]), acc[r]);
+    _mm256_store_ps(factor, _mm256_mul_ps(muls, _mm256_loadu_ps(dx + r * ldg)));   // d * scale_j * x's scale
+    __m256 even = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]), odd = _mm256_setzero_ps();
+    for (int j = 0; j < 8; j += 2) {   // two chains of multiply-adds, so that they overlap
+      const __m256i s0 = dot_u8_i8(_mm256_setzero_si256(), codes[j],
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * j)));
+      const __m256i s1 = dot_u8_i8(_mm256_setzero_si256(), codes[j + 1],
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * j + 32)));
+      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(factor + j), even);
+      odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(factor + j + 1), odd);
     }
-    acc[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+    acc[r] = _mm256_add_ps(even, odd);
   }
 }
 #endif

@@ -61,6 +61,16 @@ struct Q5_0 {
     }
   }
 #endif
+#ifdef TCQ_AVX2
+  // acc[r] += this block times rows r < R of 8-bit x (block32_dot_int8; AVX2 builds only: with AVX-512 the
+  // float32 product is as fast).
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    const __m256i codes = _mm256_or_si256(nibble_codes(b + 6), fifth_bit_bytes(load_u32(b + 2)));
+    block32_dot_int8<R, true>(_mm256_sub_epi8(codes, _mm256_set1_epi8(16)), half_at(b), 0.f, q, ldq, dx, xs, ldg, acc);
+  }
+#endif
 };
 
 }  // namespace tcq

@@ -159,26 +159,31 @@ struct Q6_K {
   template <int R>
   static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
                        __m256* acc) {
-    const float d = half_at(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    float scale[16];
-    for (int g = 0; g < 16; ++g) scale[g] = d * static_cast<float>(scales[g]);
-    const __m256 bias_lo = _mm256_mul_ps(_mm256_loadu_ps(scale), _mm256_set1_ps(-32.f));
-    const __m256 bias_hi = _mm256_mul_ps(_mm256_loadu_ps(scale + 8), _mm256_set1_ps(-32.f));
+    const __m256 d = _mm256_set1_ps(half_at(b + 208));
+    const __m256 scale_lo = _mm256_mul_ps(widen8_i8_ps(b + 192), d), scale_hi = _mm256_mul_ps(widen8_i8_ps(b + 200), d);
+    const __m256 bias_lo = _mm256_mul_ps(scale_lo, _mm256_set1_ps(-32.f));
+    const __m256 bias_hi = _mm256_mul_ps(scale_hi, _mm256_set1_ps(-32.f));
     __m256i codes[8];
     code_vectors(b, codes);
+    alignas(32) float factor[16];   // d * scale_g * x's scale
     for (int r = 0; r < R; ++r) {
       const int8_t* qr = q + r * ldq;
-      const float* dr = dx + r * ldg;
-      for (int v = 0; v < 8; ++v) {
+      _mm256_store_ps(factor, _mm256_mul_ps(scale_lo, _mm256_loadu_ps(dx + r * ldg)));
+      _mm256_store_ps(factor + 8, _mm256_mul_ps(scale_hi, _mm256_loadu_ps(dx + r * ldg + 8)));
+      __m256 even = _mm256_fmadd_ps(bias_lo, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+      __m256 odd = _mm256_mul_ps(bias_hi, _mm256_loadu_ps(xs + r * ldg + 8));
+      for (int v = 0; v < 8; ++v) {   // two chains of multiply-adds, so that they overlap
         const __m256i sums = dot_u8_i8(_mm256_setzero_si256(), codes[v],
                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * v)));
-        const __m256 factor = _mm256_set_m128(_mm_set1_ps(scale[2 * v + 1] * dr[2 * v + 1]),
-                                              _mm_set1_ps(scale[2 * v] * dr[2 * v]));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[r]);
+        const __m256 f = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(factor + 2 * v)),
+                                              _mm_broadcast_ss(factor + 2 * v + 1), 1);
+        if (v % 2 == 0) {
+          even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, even);
+        } else {
+          odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, odd);
+        }
       }
-      acc[r] = _mm256_fmadd_ps(bias_lo, _mm256_loadu_ps(xs + r * ldg), acc[r]);
-      acc[r] = _mm256_fmadd_ps(bias_hi, _mm256_loadu_ps(xs + r * ldg + 8), acc[r]);
+      acc[r] = _mm256_add_ps(even, odd);
     }
   }
 #endif

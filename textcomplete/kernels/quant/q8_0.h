@@ -40,6 +40,16 @@ struct Q8_0 {
     for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(widen8_i8_ps(b + 2 + 8 * i), d);
   }
 #endif
+#ifdef TCQ_AVX2
+  // acc[r] += this block times rows r < R of 8-bit x (block32_dot_int8; AVX2 builds only: with AVX-512 the
+  // float32 product is as fast).
+  template <int R>
+  static void dot_int8(const uint8_t* b, const int8_t* q, int64_t ldq, const float* dx, const float* xs, int64_t ldg,
+                       __m256* acc) {
+    block32_dot_int8<R, true>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), half_at(b), 0.f, q, ldq, dx,
+                              xs, ldg, acc);
+  }
+#endif
 };
 
 }  // namespace tcq
