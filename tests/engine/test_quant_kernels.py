@@ -44,8 +44,12 @@ def avx2():
 
 @pytest.fixture(scope="module", params=["native", "avx2"])
 def each_build(request):
-    """The kernels as built for this CPU, then as built for AVX2."""
-    return request.getfixturevalue(request.param)
+    """The kernels as built for this CPU, then as built for AVX2 (where that is another build: on an AVX2
+    machine the two are one module)."""
+    module = request.getfixturevalue(request.param)
+    if request.param == "avx2" and module is request.getfixturevalue("native"):
+        pytest.skip("on this CPU the AVX2 build is the native one, tested as such")
+    return module
 
 
 def odd_ks(fmt: Format) -> list[int]:

@@ -81,6 +81,8 @@ def test_the_avx2_build_serves_what_the_native_build_serves(tiny_llama_256, tmp_
     import textcomplete.kernels as kernels
     if not kernels.target_supported("avx2"):
         pytest.skip("this CPU does not run AVX2 code")
+    if kernels.quant_matmul("avx2") is kernels.quant_matmul():
+        pytest.skip("on this CPU the AVX2 build is the native one, which every other test serves with")
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, qtype)
     prompts = random_prompts(5, seed=3, low=1, high=70)

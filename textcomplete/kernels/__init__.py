@@ -6,7 +6,8 @@ The build takes about a minute once per machine and torch version; later starts 
 
 The modules are compiled for the CPU that builds them (-march=native): AVX-512 vector code on AVX-512
 machines, AVX2 on the others that have it, portable C++ elsewhere. A `target` of "avx2" builds the AVX2 code on
-an AVX-512 machine too (its own module and cache entry), so that one machine tests both.
+an AVX-512 machine too (its own module and cache entry), so that one machine tests both; on an AVX2 machine it
+is the native module.
 
 With TEXTCOMPLETE_SANITIZE=address,undefined in the environment every native module is built instrumented
 with AddressSanitizer and UndefinedBehaviorSanitizer instead (in its own cache directory), and any error they
@@ -50,18 +51,28 @@ def build_flags(target: str = "native") -> tuple[list[str], list[str]]:
     return ["-O1", "-g", "-march=native", *TARGETS[target], "-fopenmp-simd", *instrument], instrument
 
 
-def target_supported(target: str) -> bool:
-    """Whether this CPU runs code built for `target` (x86 Linux: the flags in /proc/cpuinfo)."""
-    if target == "native":
-        return True
-    needed = {"avx2": {"avx2", "fma", "f16c"}}[target]
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 Linux: /proc/cpuinfo), or none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return needed <= set(line.split(":", 1)[1].split())
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def target_supported(target: str) -> bool:
+    """Whether this CPU runs code built for `target`."""
+    if target == "native":
+        return True
+    return {"avx2": {"avx2", "fma", "f16c"}}[target] <= _cpu_flags()
+
+
+def _same_as_native(target: str) -> bool:
+    """Whether `target`'s flags take nothing away from this CPU's own build (AVX2 on a CPU without AVX-512):
+    its module would be the native one compiled twice."""
+    return target == "native" or (target == "avx2" and "avx512f" not in _cpu_flags())
 
 
 def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,
@@ -144,6 +155,8 @@ _MODULES = {
 def _module(kind: str, target: str) -> ModuleType | None:
     if target not in TARGETS:
         raise ValueError(f"unknown build target {target!r}; known: {', '.join(TARGETS)}")
+    if target_supported(target) and _same_as_native(target):
+        target = "native"
     with _lock:
         if (kind, target) not in _built:
             _built[kind, target] = _build(kind, target)
