@@ -217,7 +217,7 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def vector_extensions(flags: set[str]) -> str:
+def vector_extensions(flags: set[str] | frozenset[str]) -> str:
     """The vector instruction sets the kernels choose between, as /proc/cpuinfo's flags name them."""
     if {"avx512f", "avx512bw"} <= flags:
         return "AVX-512" + (" with VNNI" if "avx512_vnni" in flags else " without VNNI")
@@ -228,14 +228,15 @@ def vector_extensions(flags: set[str]) -> str:
 
 def environment_lines(llama_version: str, commit: str) -> list[str]:
     import torch
+
+    from textcomplete.kernels import cpu_flags
     cpu = platform.processor() or platform.machine()
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = next(set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags"))
-        cpu += f" ({vector_extensions(flags)})"
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    cpu += f" ({vector_extensions(cpu_flags())})"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     return [f"- CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB memory; {platform.system()} {platform.release()}",
             f"- Python {platform.python_version()}, torch {torch.__version__}; textcomplete at {commit}",

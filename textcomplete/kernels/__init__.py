@@ -17,6 +17,7 @@ LD_PRELOAD=$(c++ -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0 (t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -51,28 +52,29 @@ def build_flags(target: str = "native") -> tuple[list[str], list[str]]:
     return ["-O1", "-g", "-march=native", *TARGETS[target], "-fopenmp-simd", *instrument], instrument
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 Linux: /proc/cpuinfo), or none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def target_supported(target: str) -> bool:
     """Whether this CPU runs code built for `target`."""
     if target == "native":
         return True
-    return {"avx2": {"avx2", "fma", "f16c"}}[target] <= _cpu_flags()
+    return {"avx2": {"avx2", "fma", "f16c"}}[target] <= cpu_flags()
 
 
 def _same_as_native(target: str) -> bool:
     """Whether `target`'s flags take nothing away from this CPU's own build (AVX2 on a CPU without AVX-512):
     its module would be the native one compiled twice."""
-    return target == "native" or (target == "avx2" and "avx512f" not in _cpu_flags())
+    return target == "native" or (target == "avx2" and "avx512f" not in cpu_flags())
 
 
 def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,
