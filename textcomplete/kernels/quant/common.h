@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 // The vector decoders come in two widths: AVX-512 F and BW (every AVX-512 server core has both), else AVX2
 // with FMA and F16C (x86 desktops and laptops since 2013); anything else compiles the portable ones only.
@@ -56,6 +58,17 @@ inline float half_at(const uint8_t* p) {
 #else
   return c10::detail::fp16_ieee_to_fp32_value(load_u16(p));
 #endif
+}
+
+// fn(std::integral_constant<int, i>) for i < N: loop indices known at compile time, so that small arrays of
+// vectors indexed by them stay in registers.
+template <class Fn, int... I>
+inline void unroll_each(Fn& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class Fn>
+inline void unroll(Fn fn) {
+  unroll_each(fn, std::make_integer_sequence<int, N>{});
 }
 
 // Vec: kLanes float32 lanes, the width the decoders fill and the products consume, and the few operations
@@ -225,6 +238,23 @@ inline __m512 spread_lanes(__m512 v, int first, int width) {
   const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(first),
                                          _mm512_srli_epi32(lanes, width == 8 ? 3 : 2));
   return _mm512_permutexvar_ps(index, v);
+}
+#endif
+
+#ifdef TCQ_VECTOR
+// Hands the kBlock / kLanes vectors of the block at b to sink(std::integral_constant<int, i>{}, vector i), in
+// the order its decoder makes them: as F::decode_each makes them where the format has one (a decoder whose
+// vectors would not all fit in registers: AVX2 has 16, and a 256-value block is 32 of its vectors), else
+// out of F::decode's array.
+template <class F, class Sink>
+inline void each_vector(const uint8_t* b, Sink&& sink) {
+  if constexpr (requires { F::decode_each(b, sink); }) {
+    F::decode_each(b, sink);
+  } else {
+    Vec v[F::kBlock / kLanes];
+    F::decode(b, v);
+    unroll<F::kBlock / kLanes>([&](auto i) { sink(i, v[decltype(i)::value]); });
+  }
 }
 #endif
 

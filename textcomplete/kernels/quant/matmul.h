@@ -136,20 +136,9 @@ void dot_portable(const uint8_t* w, const float* x, int64_t ldx, int64_t k, floa
 }
 
 #ifdef TCQ_VECTOR
-// fn(std::integral_constant<int, i>) for i < N: loop indices known at compile time, so that small arrays of
-// vectors indexed by them stay in registers.
-template <class Fn, int... I>
-inline void unroll_each(Fn& fn, std::integer_sequence<int, I...>) {
-  (fn(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class Fn>
-inline void unroll(Fn fn) {
-  unroll_each(fn, std::make_integer_sequence<int, N>{});
-}
-
 // Vector direct product, added to y[r * ldy]. A step decodes U blocks (at least 8 vectors) and feeds each
-// decoded vector to the R rows of x; every row keeps C independent accumulators so the fused multiply-adds
-// overlap.
+// decoded vector to the R rows of x as it is made (each_vector); every row keeps C independent accumulators
+// so the fused multiply-adds overlap.
 template <class F, int R>
 void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y, int64_t ldy) {
   constexpr int V = F::kBlock / kLanes;
@@ -160,12 +149,12 @@ void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float*
   auto step = [&](int64_t b, auto units) {
     unroll<decltype(units)::value>([&](auto u) {
       constexpr int kU = decltype(u)::value;
-      Vec v[V];
-      F::decode(w + (b + kU) * F::kBytes, v);
       const float* xb = x + (b + kU) * F::kBlock;
-      unroll<V * R>([&](auto ir) {
-        constexpr int i = decltype(ir)::value / R, r = decltype(ir)::value % R, c = (kU * V + i) % C;
-        acc[r][c] = vec_fmadd(v[i], vec_load(xb + r * ldx + kLanes * i), acc[r][c]);
+      each_vector<F>(w + (b + kU) * F::kBytes, [&](auto index, Vec v) {
+        // The accumulator: consecutive vectors of every decoder's order (value order, or pairs 4 apart, or
+        // fours 8 apart) take different ones.
+        constexpr int i = decltype(index)::value, c = ((kU * V + i) ^ (i >> 2)) % C;
+        unroll<R>([&](auto r) { acc[r][c] = vec_fmadd(v, vec_load(xb + r * ldx + kLanes * i), acc[r][c]); });
       });
     });
   };
@@ -192,6 +181,47 @@ void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float* y
   dot_portable<F, R>(w, x, ldx, k, y, ldy);
 }
 
+// Whether format F multiplies its blocks by float32 x with each group's scale taken once per group sum
+// (dot_float: one multiply-add a value, where a decoded vector costs two), its offsets by x's group sums.
+template <class F, class = void>
+struct HasFloatDot : std::false_type {};
+template <class F>
+struct HasFloatDot<F, std::void_t<decltype(&F::template dot_float<1>)>> : std::true_type {};
+
+// The sums of each row of x over groups of `group` values (dot_float's offsets).
+struct GroupSums {
+  int64_t ldg;
+  std::vector<float> xs;
+
+  GroupSums(const at::Tensor& x, int64_t group)
+      : ldg(x.size(1) / group), xs(static_cast<size_t>(x.size(0) * ldg)) {
+    const float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+      const float* v = xp + i / ldg * x.size(1) + i % ldg * group;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t l = 0; l < group; ++l) sum += v[l];
+      xs[i] = sum;
+    }
+  }
+  // Row r's sums from value k0 on (k0 a multiple of the group).
+  const float* sums(int64_t r, int64_t k0, int64_t group) const { return xs.data() + r * ldg + k0 / group; }
+};
+
+#ifdef TCQ_VECTOR
+// y[r * ldy] += R rows of float32 x times `width` values of a weight row, block by block (F::dot_float).
+template <class F, int R>
+void dot_float_rows(const uint8_t* w, const float* x, int64_t ldx, const float* xs, int64_t ldg, int64_t width,
+                    float* y, int64_t ldy) {
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vec_zero();
+  for (int64_t b = 0; b < width / F::kBlock; ++b) {
+    F::template dot_float<R>(w + b * F::kBytes, x + b * F::kBlock, ldx, xs + b * F::kBlock / F::kGroup, ldg, acc);
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] += vec_sum(acc[r]);
+}
+#endif
+
 // The direct paths' loop over weight rows [n0, n1): each weight byte is read from memory once. The rows go
 // a few at a time, and K in chunks of `chunk` values, small enough that the chunk of every row of x stays in
 // L1 while those weight rows pass it; rows(j, k0, width, r, count) multiplies weight row j's values
@@ -210,15 +240,28 @@ void direct_loop(int64_t m, int64_t n0, int64_t n1, int64_t k, int64_t chunk, co
 }
 
 // Weight rows [n0, n1) of one matrix times float32 x [m, k], added to y (row stride ldy): rows of x in groups
-// of up to four per decoded block.
+// of up to four per decoded block, or per dot_float step given x's group sums.
 template <class F>
 void direct_range(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n0, int64_t n1,
-                  float* yp, int64_t ldy, bool portable) {
+                  float* yp, int64_t ldy, bool portable, const GroupSums* sums) {
   const int64_t chunk = std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
   direct_loop(m, n0, n1, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
     const float* xr = xp + r * k + k0;
     float* yr = yp + r * ldy + j;
+#ifdef TCQ_VECTOR
+    if constexpr (HasFloatDot<F>::value) {
+      if (sums != nullptr) {
+        const float* sr = sums->sums(r, k0, F::kGroup);
+        switch (count) {
+          case 1: return dot_float_rows<F, 1>(piece, xr, k, sr, sums->ldg, width, yr, ldy);
+          case 2: return dot_float_rows<F, 2>(piece, xr, k, sr, sums->ldg, width, yr, ldy);
+          case 3: return dot_float_rows<F, 3>(piece, xr, k, sr, sums->ldg, width, yr, ldy);
+          default: return dot_float_rows<F, 4>(piece, xr, k, sr, sums->ldg, width, yr, ldy);
+        }
+      }
+    }
+#endif
     switch (count) {
       case 1: dot_rows<F, 1>(piece, xr, k, width, yr, ldy, portable); break;
       case 2: dot_rows<F, 2>(piece, xr, k, width, yr, ldy, portable); break;
@@ -303,6 +346,22 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
       });
     }
   }
+  // x's group sums for each group size a part's dot_float needs, likewise.
+  std::vector<std::pair<int64_t, GroupSums>> summed;
+  auto sums_for = [&](int64_t group) -> const GroupSums* {
+    for (const auto& s : summed) if (s.first == group) return &s.second;
+    return nullptr;
+  };
+  if (!portable) {
+    for (const StoredPart& p : parts) {
+      with_format(Formats{}, p.type, [&](auto f) {
+        using F = decltype(f);
+        if constexpr (HasFloatDot<F>::value) {
+          if (!(quantize && HasInt8Direct<F>::value) && sums_for(F::kGroup) == nullptr) summed.emplace_back(F::kGroup, GroupSums(x, F::kGroup));
+        }
+      });
+    }
+  }
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
@@ -323,7 +382,9 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
           if (quantize) return direct_int8_range<F>(quantized_for(F::kGroup), m, k, w, ldw, lo, hi, yp + first[i], n);
         }
 #endif
-        direct_range<F>(xp, m, k, w, ldw, lo, hi, yp + first[i], n, portable);
+        const GroupSums* sums = nullptr;
+        if constexpr (HasFloatDot<F>::value) sums = sums_for(F::kGroup);
+        direct_range<F>(xp, m, k, w, ldw, lo, hi, yp + first[i], n, portable, sums);
       });
     }
   });

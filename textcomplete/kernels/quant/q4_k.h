@@ -187,19 +187,61 @@ struct Q4_K {
     }
   }
 #elif defined(TCQ_AVX2)
-  static void decode(const uint8_t* b, __m256* v) {
-    float mul[8], off[8];
+  // sink(i, vector i) for the block's 32 vectors, each as it is made (each_vector): pairs 4 apart, the low
+  // and high nibbles of the same 8 bytes.
+  template <class Sink>
+  static void decode_each(const uint8_t* b, Sink&& sink) {
+    alignas(32) float mul[8], off[8];
     k_factors(b, mul, off);
     const uint8_t* q = b + 16;
-    for (int c = 0; c < 4; ++c) {
-      const __m256 m0 = _mm256_set1_ps(mul[2 * c]), o0 = _mm256_set1_ps(off[2 * c]);
-      const __m256 m1 = _mm256_set1_ps(mul[2 * c + 1]), o1 = _mm256_set1_ps(off[2 * c + 1]);
-      for (int h = 0; h < 4; ++h) {
+    unroll<4>([&](auto c_) {
+      constexpr int c = decltype(c_)::value;
+      const __m256 m0 = _mm256_broadcast_ss(mul + 2 * c), o0 = _mm256_broadcast_ss(off + 2 * c);
+      const __m256 m1 = _mm256_broadcast_ss(mul + 2 * c + 1), o1 = _mm256_broadcast_ss(off + 2 * c + 1);
+      unroll<4>([&](auto h_) {
+        constexpr int h = decltype(h_)::value;
         const __m256i codes = widen8_u8(q + 32 * c + 8 * h);
-        v[8 * c + h] = _mm256_fmsub_ps(to_float(low_nibble(codes)), m0, o0);
-        v[8 * c + 4 + h] = _mm256_fmsub_ps(to_float(high_nibble(codes)), m1, o1);
-      }
-    }
+        sink(std::integral_constant<int, 8 * c + h>{}, _mm256_fmsub_ps(to_float(low_nibble(codes)), m0, o0));
+        sink(std::integral_constant<int, 8 * c + 4 + h>{}, _mm256_fmsub_ps(to_float(high_nibble(codes)), m1, o1));
+      });
+    });
+  }
+  static void decode(const uint8_t* b, __m256* v) {
+    decode_each(b, [&](auto i, __m256 x) { v[decltype(i)::value] = x; });
+  }
+  // acc[r] += this block times rows r < R of float32 x (x + r * ldx): each sub-block's sum of codes times x
+  // takes d * scale_j once, and the mins come from x's sums over the sub-blocks (xs + r * ldg, one a lane).
+  template <int R>
+  static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
+    alignas(32) float mul[8], off[8];
+    k_factors(b, mul, off);
+    const __m256 mins = _mm256_load_ps(off);
+    __m256 even[R], odd[R];   // sub-blocks 2c and 2c + 1
+    unroll<R>([&](auto r) {
+      even[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+      odd[r] = _mm256_setzero_ps();
+    });
+    const uint8_t* q = b + 16;
+    unroll<4>([&](auto c_) {
+      constexpr int c = decltype(c_)::value;
+      __m256 low[R], high[R];
+      unroll<4>([&](auto h_) {
+        constexpr int h = decltype(h_)::value;
+        const __m256i codes = widen8_u8(q + 32 * c + 8 * h);
+        const __m256 l = to_float(low_nibble(codes)), u = to_float(high_nibble(codes));
+        unroll<R>([&](auto r) {
+          const float* xr = x + r * ldx + 64 * c + 8 * h;
+          low[r] = h == 0 ? _mm256_mul_ps(l, _mm256_loadu_ps(xr)) : _mm256_fmadd_ps(l, _mm256_loadu_ps(xr), low[r]);
+          high[r] = h == 0 ? _mm256_mul_ps(u, _mm256_loadu_ps(xr + 32))
+                           : _mm256_fmadd_ps(u, _mm256_loadu_ps(xr + 32), high[r]);
+        });
+      });
+      unroll<R>([&](auto r) {
+        even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
+        odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
+      });
+    });
+    unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
   }
 #endif
 #ifdef TCQ_VNNI

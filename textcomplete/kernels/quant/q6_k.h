@@ -108,29 +108,82 @@ struct Q6_K {
     }
   }
 #elif defined(TCQ_AVX2)
-  // scale * (code - 32) as code * scale - 32 * scale, fused: one rounding of the same exact value.
-  static void decode(const uint8_t* b, __m256* v) {
-    const float d = half_at(b + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const __m256i nibble = _mm256_set1_epi32(15), top = _mm256_set1_epi32(0x30);
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = b + 64 * h;
-      const uint8_t* qh = b + 128 + 32 * h;
-      for (int r = 0; r < 4; ++r) {   // values 8r..8r + 7 of each run of 32
-        const __m256i high = widen8_u8(qh + 8 * r);   // bits 2t, 2t + 1: the top bits of run t
-        for (int p = 0; p < 2; ++p) {                 // runs p (low nibbles) and p + 2 (high nibbles)
-          const __m256i low = widen8_u8(ql + 32 * p + 8 * r);
-          for (int t = p; t < 4; t += 2) {
-            const __m256i up = 2 * t <= 4 ? _mm256_slli_epi32(high, 4 - 2 * t) : _mm256_srli_epi32(high, 2 * t - 4);
-            const __m256i codes = _mm256_or_si256(_mm256_and_si256(t < 2 ? low : _mm256_srli_epi32(low, 4), nibble),
-                                                  _mm256_and_si256(up, top));
-            const float scale = d * static_cast<float>(scales[8 * h + 2 * t + r / 2]);
-            v[16 * h + 4 * t + r] = _mm256_fmadd_ps(to_float(codes), _mm256_set1_ps(scale),
-                                                    _mm256_set1_ps(-32.f * scale));
-          }
-        }
-      }
+  // sink(i, vector i) for the block's 32 vectors, each as it is made (each_vector): for each 8 bytes of qh,
+  // the four runs that take their top bits from them. scale * (code - 32) as code * scale - 32 * scale,
+  // fused: one rounding of the same exact value.
+  template <class Sink>
+  static void decode_each(const uint8_t* b, Sink&& sink) {
+    const __m256 d = _mm256_set1_ps(half_at(b + 208));
+    alignas(32) float scale[16], offset[16];   // per group of 16: d * scale_g and -32 times that
+    for (int g = 0; g < 16; g += 8) {
+      const __m256 s = _mm256_mul_ps(widen8_i8_ps(b + 192 + g), d);
+      _mm256_store_ps(scale + g, s);
+      _mm256_store_ps(offset + g, _mm256_mul_ps(s, _mm256_set1_ps(-32.f)));
     }
+    const __m256i nibble = _mm256_set1_epi32(15), top = _mm256_set1_epi32(0x30);
+    unroll<8>([&](auto hr) {
+      constexpr int h = decltype(hr)::value / 4, r = decltype(hr)::value % 4;   // values 8r..8r + 7 of each run
+      const uint8_t* ql = b + 64 * h;
+      const __m256i high = widen8_u8(b + 128 + 32 * h + 8 * r);   // bits 2t, 2t + 1: the top bits of run t
+      unroll<2>([&](auto p_) {   // runs p (low nibbles) and p + 2 (high nibbles)
+        constexpr int p = decltype(p_)::value;
+        const __m256i low = widen8_u8(ql + 32 * p + 8 * r);
+        unroll<2>([&](auto t_) {
+          constexpr int t = p + 2 * decltype(t_)::value, g = 8 * h + 2 * t + r / 2;
+          const __m256i up = 2 * t <= 4 ? _mm256_slli_epi32(high, 4 - 2 * t) : _mm256_srli_epi32(high, 2 * t - 4);
+          const __m256i codes = _mm256_or_si256(_mm256_and_si256(t < 2 ? low : _mm256_srli_epi32(low, 4), nibble),
+                                                _mm256_and_si256(up, top));
+          sink(std::integral_constant<int, 16 * h + 4 * t + r>{},
+               _mm256_fmadd_ps(to_float(codes), _mm256_broadcast_ss(scale + g), _mm256_broadcast_ss(offset + g)));
+        });
+      });
+    });
+  }
+  static void decode(const uint8_t* b, __m256* v) {
+    decode_each(b, [&](auto i, __m256 x) { v[decltype(i)::value] = x; });
+  }
+  // acc[r] += this block times rows r < R of float32 x (x + r * ldx): each group's sum of codes times x takes
+  // d * scale_g once, and the bias of 32 comes from x's group sums (xs + r * ldg).
+  template <int R>
+  static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
+    const __m256 d = _mm256_set1_ps(half_at(b + 208));
+    alignas(32) float scale[16];
+    __m256 first[R], second[R];   // groups of even and odd t
+    for (int g = 0; g < 16; g += 8) {
+      const __m256 s = _mm256_mul_ps(widen8_i8_ps(b + 192 + g), d);
+      _mm256_store_ps(scale + g, s);
+      const __m256 bias = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
+      unroll<R>([&](auto r) {
+        first[r] = _mm256_fmadd_ps(bias, _mm256_loadu_ps(xs + r * ldg + g), g == 0 ? acc[r] : first[r]);
+      });
+    }
+    unroll<R>([&](auto r) { second[r] = _mm256_setzero_ps(); });
+    const __m256i nibble = _mm256_set1_epi32(15), top = _mm256_set1_epi32(0x30);
+    unroll<4>([&](auto hs) {
+      constexpr int h = decltype(hs)::value / 2, s = decltype(hs)::value % 2;   // values 16s..16s + 15 of each run
+      const uint8_t* ql = b + 64 * h;
+      unroll<4>([&](auto t_) {
+        constexpr int t = decltype(t_)::value, g = 8 * h + 2 * t + s;
+        __m256 part[R];
+        unroll<2>([&](auto i_) {
+          constexpr int r8 = 2 * s + decltype(i_)::value;   // values 8 r8..8 r8 + 7 of run t
+          const __m256i high = widen8_u8(b + 128 + 32 * h + 8 * r8);
+          const __m256i low = widen8_u8(ql + 32 * (t % 2) + 8 * r8);
+          const __m256i up = 2 * t <= 4 ? _mm256_slli_epi32(high, 4 - 2 * t) : _mm256_srli_epi32(high, 2 * t - 4);
+          const __m256 codes = to_float(_mm256_or_si256(_mm256_and_si256(t < 2 ? low : _mm256_srli_epi32(low, 4), nibble),
+                                                        _mm256_and_si256(up, top)));
+          unroll<R>([&](auto r) {
+            const __m256 xv = _mm256_loadu_ps(x + r * ldx + 128 * h + 32 * t + 8 * r8);
+            part[r] = decltype(i_)::value == 0 ? _mm256_mul_ps(codes, xv) : _mm256_fmadd_ps(codes, xv, part[r]);
+          });
+        });
+        unroll<R>([&](auto r) {
+          if constexpr (t % 2 == 0) first[r] = _mm256_fmadd_ps(part[r], _mm256_broadcast_ss(scale + g), first[r]);
+          else second[r] = _mm256_fmadd_ps(part[r], _mm256_broadcast_ss(scale + g), second[r]);
+        });
+      });
+    });
+    unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(first[r], second[r]); });
   }
 #endif
 #ifdef TCQ_VNNI
