@@ -3,7 +3,9 @@
 // y[M, N] = x[M, K] @ W.T, where W's N rows are runs of blocks exactly as a GGUF file stores them (read in
 // place, often from a read-only memory map, never written). Two paths, chosen by the caller's row count:
 //  - direct (few rows of x: decode steps, bandwidth-bound): every weight byte is read once; a block is
-//    decoded into vector registers and multiplied into up to four rows of x at a time.
+//    decoded into vector registers and multiplied into up to four rows of x at a time, or, for the formats
+//    with a dot_float (the K formats on AVX2), its codes are multiplied by x and each group's scale is
+//    taken once per group sum, the offsets from x's group sums.
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x with ATen's matmul, run single-threaded inside the parallel
 //    loop; each tile writes its own columns of y.
