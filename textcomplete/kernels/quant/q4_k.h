@@ -123,6 +123,73 @@ inline void k_dot_int8(const uint8_t* b, const __m256i* codes, const int8_t* q, 
 }
 #endif
 
+#ifdef TCQ_AVX2
+// The AVX2 float32 decode steps Q4_K and Q5_K share. `codes(c, h, &low, &high)`, for c, h < 4 given as
+// std::integral_constant, sets the codes of values 8h..8h + 7 of sub-blocks 2c (low) and 2c + 1 (high), one
+// a lane of int32.
+
+// sink(i, vector i) for the block's 32 decoded vectors, each as it is made (each_vector): pairs 4 apart, the
+// same 8 values of sub-blocks 2c and 2c + 1. d * scale_j * code - dmin * min_j, fused (Fused) or rounded
+// twice like the portable decoder.
+template <bool Fused, class Codes, class Sink>
+inline void k_decode_each(const uint8_t* b, Codes codes, Sink&& sink) {
+  alignas(32) float mul[8], off[8];
+  k_factors(b, mul, off);
+  auto value = [](__m256i code, __m256 m, __m256 o) {
+    return Fused ? _mm256_fmsub_ps(to_float(code), m, o) : _mm256_sub_ps(_mm256_mul_ps(to_float(code), m), o);
+  };
+  unroll<4>([&](auto c_) {
+    constexpr int c = decltype(c_)::value;
+    const __m256 m0 = _mm256_broadcast_ss(mul + 2 * c), o0 = _mm256_broadcast_ss(off + 2 * c);
+    const __m256 m1 = _mm256_broadcast_ss(mul + 2 * c + 1), o1 = _mm256_broadcast_ss(off + 2 * c + 1);
+    unroll<4>([&](auto h_) {
+      constexpr int h = decltype(h_)::value;
+      __m256i low, high;
+      codes(c_, h_, &low, &high);
+      sink(std::integral_constant<int, 8 * c + h>{}, value(low, m0, o0));
+      sink(std::integral_constant<int, 8 * c + 4 + h>{}, value(high, m1, o1));
+    });
+  });
+}
+
+// acc[r] += the block times rows r < R of float32 x (x + r * ldx), its float32 dot_float: each sub-block's
+// sum of codes times x takes d * scale_j once, and the mins come from x's sums over the sub-blocks
+// (xs + r * ldg, one a lane).
+template <int R, class Codes>
+inline void k_dot_float(const uint8_t* b, Codes codes, const float* x, int64_t ldx, const float* xs, int64_t ldg,
+                        __m256* acc) {
+  alignas(32) float mul[8], off[8];
+  k_factors(b, mul, off);
+  const __m256 mins = _mm256_load_ps(off);
+  __m256 even[R], odd[R];   // sub-blocks 2c and 2c + 1
+  unroll<R>([&](auto r) {
+    even[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
+    odd[r] = _mm256_setzero_ps();
+  });
+  unroll<4>([&](auto c_) {
+    constexpr int c = decltype(c_)::value;
+    __m256 low[R], high[R];
+    unroll<4>([&](auto h_) {
+      constexpr int h = decltype(h_)::value;
+      __m256i low_codes, high_codes;
+      codes(c_, h_, &low_codes, &high_codes);
+      const __m256 l = to_float(low_codes), u = to_float(high_codes);
+      unroll<R>([&](auto r) {
+        const float* xr = x + r * ldx + 64 * c + 8 * h;
+        low[r] = h == 0 ? _mm256_mul_ps(l, _mm256_loadu_ps(xr)) : _mm256_fmadd_ps(l, _mm256_loadu_ps(xr), low[r]);
+        high[r] = h == 0 ? _mm256_mul_ps(u, _mm256_loadu_ps(xr + 32))
+                         : _mm256_fmadd_ps(u, _mm256_loadu_ps(xr + 32), high[r]);
+      });
+    });
+    unroll<R>([&](auto r) {
+      even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
+      odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
+    });
+  });
+  unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+}
+#endif
+
 struct Q4_K {
   static constexpr int64_t kType = 12, kBlock = 256, kBytes = 144, kValueBytes = 0;
   static constexpr int64_t kGroup = 32;
@@ -187,61 +254,27 @@ struct Q4_K {
     }
   }
 #elif defined(TCQ_AVX2)
-  // sink(i, vector i) for the block's 32 vectors, each as it is made (each_vector): pairs 4 apart, the low
-  // and high nibbles of the same 8 bytes.
+  // The codes of values 8h..8h + 7 of sub-blocks 2c (low nibbles) and 2c + 1 (high), one a lane.
+  template <int c, int h>
+  static void code_lanes(const uint8_t* b, __m256i* low, __m256i* high) {
+    const __m256i codes = widen8_u8(b + 16 + 32 * c + 8 * h);
+    *low = low_nibble(codes);
+    *high = high_nibble(codes);
+  }
   template <class Sink>
   static void decode_each(const uint8_t* b, Sink&& sink) {
-    alignas(32) float mul[8], off[8];
-    k_factors(b, mul, off);
-    const uint8_t* q = b + 16;
-    unroll<4>([&](auto c_) {
-      constexpr int c = decltype(c_)::value;
-      const __m256 m0 = _mm256_broadcast_ss(mul + 2 * c), o0 = _mm256_broadcast_ss(off + 2 * c);
-      const __m256 m1 = _mm256_broadcast_ss(mul + 2 * c + 1), o1 = _mm256_broadcast_ss(off + 2 * c + 1);
-      unroll<4>([&](auto h_) {
-        constexpr int h = decltype(h_)::value;
-        const __m256i codes = widen8_u8(q + 32 * c + 8 * h);
-        sink(std::integral_constant<int, 8 * c + h>{}, _mm256_fmsub_ps(to_float(low_nibble(codes)), m0, o0));
-        sink(std::integral_constant<int, 8 * c + 4 + h>{}, _mm256_fmsub_ps(to_float(high_nibble(codes)), m1, o1));
-      });
-    });
+    k_decode_each<true>(b, [&](auto c, auto h, __m256i* low, __m256i* high) {
+      code_lanes<decltype(c)::value, decltype(h)::value>(b, low, high);
+    }, sink);
   }
   static void decode(const uint8_t* b, __m256* v) {
     decode_each(b, [&](auto i, __m256 x) { v[decltype(i)::value] = x; });
   }
-  // acc[r] += this block times rows r < R of float32 x (x + r * ldx): each sub-block's sum of codes times x
-  // takes d * scale_j once, and the mins come from x's sums over the sub-blocks (xs + r * ldg, one a lane).
   template <int R>
   static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
-    alignas(32) float mul[8], off[8];
-    k_factors(b, mul, off);
-    const __m256 mins = _mm256_load_ps(off);
-    __m256 even[R], odd[R];   // sub-blocks 2c and 2c + 1
-    unroll<R>([&](auto r) {
-      even[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
-      odd[r] = _mm256_setzero_ps();
-    });
-    const uint8_t* q = b + 16;
-    unroll<4>([&](auto c_) {
-      constexpr int c = decltype(c_)::value;
-      __m256 low[R], high[R];
-      unroll<4>([&](auto h_) {
-        constexpr int h = decltype(h_)::value;
-        const __m256i codes = widen8_u8(q + 32 * c + 8 * h);
-        const __m256 l = to_float(low_nibble(codes)), u = to_float(high_nibble(codes));
-        unroll<R>([&](auto r) {
-          const float* xr = x + r * ldx + 64 * c + 8 * h;
-          low[r] = h == 0 ? _mm256_mul_ps(l, _mm256_loadu_ps(xr)) : _mm256_fmadd_ps(l, _mm256_loadu_ps(xr), low[r]);
-          high[r] = h == 0 ? _mm256_mul_ps(u, _mm256_loadu_ps(xr + 32))
-                           : _mm256_fmadd_ps(u, _mm256_loadu_ps(xr + 32), high[r]);
-        });
-      });
-      unroll<R>([&](auto r) {
-        even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
-        odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
-      });
-    });
-    unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+    k_dot_float<R>(b, [&](auto c, auto h, __m256i* low, __m256i* high) {
+      code_lanes<decltype(c)::value, decltype(h)::value>(b, low, high);
+    }, x, ldx, xs, ldg, acc);
   }
 #endif
 #ifdef TCQ_VNNI

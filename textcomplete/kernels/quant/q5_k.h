@@ -92,69 +92,32 @@ struct Q5_K {
     }
   }
 #elif defined(TCQ_AVX2)
-  // sink(i, vector i) for the block's 32 vectors, each as it is made (each_vector), in Q4_K's order.
+  // The codes of values 8h..8h + 7 of sub-blocks 2c and 2c + 1: Q4_K's nibbles, and bits 2c and 2c + 1 of
+  // qh moved onto bit 4 (shifts by 4 - j, or j - 4 for j > 4).
+  template <int c, int h>
+  static void code_lanes(const uint8_t* b, __m256i* low, __m256i* high) {
+    const __m256i bit4 = _mm256_set1_epi32(16);
+    const __m256i qh = widen8_u8(b + 16 + 8 * h);   // one byte a lane: bit j is sub-block j's fifth bit
+    const __m256i codes = widen8_u8(b + 48 + 32 * c + 8 * h);
+    const __m256i even = c < 3 ? _mm256_slli_epi32(qh, 4 - 2 * c) : _mm256_srli_epi32(qh, 2);
+    const __m256i odd = c < 2 ? _mm256_slli_epi32(qh, 3 - 2 * c) : _mm256_srli_epi32(qh, 2 * c - 3);
+    *low = _mm256_or_si256(low_nibble(codes), _mm256_and_si256(even, bit4));
+    *high = _mm256_or_si256(high_nibble(codes), _mm256_and_si256(odd, bit4));
+  }
   template <class Sink>
   static void decode_each(const uint8_t* b, Sink&& sink) {
-    alignas(32) float mul[8], off[8];
-    k_factors(b, mul, off);
-    const __m256i bit4 = _mm256_set1_epi32(16);
-    unroll<4>([&](auto c_) {
-      constexpr int c = decltype(c_)::value;
-      const __m256 m0 = _mm256_broadcast_ss(mul + 2 * c), o0 = _mm256_broadcast_ss(off + 2 * c);
-      const __m256 m1 = _mm256_broadcast_ss(mul + 2 * c + 1), o1 = _mm256_broadcast_ss(off + 2 * c + 1);
-      unroll<4>([&](auto h_) {
-        constexpr int h = decltype(h_)::value;
-        const __m256i qh = widen8_u8(b + 16 + 8 * h);   // one byte a lane: bit j is sub-block j's fifth bit
-        const __m256i codes = widen8_u8(b + 48 + 32 * c + 8 * h);
-        // bit 2c of qh onto bit 4, and bit 2c + 1 (shifts by 4 - j, or j - 4 for j > 4)
-        const __m256i even = c < 3 ? _mm256_slli_epi32(qh, 4 - 2 * c) : _mm256_srli_epi32(qh, 2);
-        const __m256i odd = c < 2 ? _mm256_slli_epi32(qh, 3 - 2 * c) : _mm256_srli_epi32(qh, 2 * c - 3);
-        const __m256i lo = _mm256_or_si256(low_nibble(codes), _mm256_and_si256(even, bit4));
-        const __m256i hi = _mm256_or_si256(high_nibble(codes), _mm256_and_si256(odd, bit4));
-        sink(std::integral_constant<int, 8 * c + h>{}, _mm256_sub_ps(_mm256_mul_ps(to_float(lo), m0), o0));
-        sink(std::integral_constant<int, 8 * c + 4 + h>{}, _mm256_sub_ps(_mm256_mul_ps(to_float(hi), m1), o1));
-      });
-    });
+    k_decode_each<false>(b, [&](auto c, auto h, __m256i* low, __m256i* high) {
+      code_lanes<decltype(c)::value, decltype(h)::value>(b, low, high);
+    }, sink);
   }
   static void decode(const uint8_t* b, __m256* v) {
     decode_each(b, [&](auto i, __m256 x) { v[decltype(i)::value] = x; });
   }
-  // acc[r] += this block times rows r < R of float32 x, as Q4_K::dot_float.
   template <int R>
   static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
-    alignas(32) float mul[8], off[8];
-    k_factors(b, mul, off);
-    const __m256 mins = _mm256_load_ps(off);
-    __m256 even[R], odd[R];   // sub-blocks 2c and 2c + 1
-    unroll<R>([&](auto r) {
-      even[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
-      odd[r] = _mm256_setzero_ps();
-    });
-    const __m256i bit4 = _mm256_set1_epi32(16);
-    unroll<4>([&](auto c_) {
-      constexpr int c = decltype(c_)::value;
-      __m256 low[R], high[R];
-      unroll<4>([&](auto h_) {
-        constexpr int h = decltype(h_)::value;
-        const __m256i qh = widen8_u8(b + 16 + 8 * h);
-        const __m256i codes = widen8_u8(b + 48 + 32 * c + 8 * h);
-        const __m256i even_bit = c < 3 ? _mm256_slli_epi32(qh, 4 - 2 * c) : _mm256_srli_epi32(qh, 2);
-        const __m256i odd_bit = c < 2 ? _mm256_slli_epi32(qh, 3 - 2 * c) : _mm256_srli_epi32(qh, 2 * c - 3);
-        const __m256 l = to_float(_mm256_or_si256(low_nibble(codes), _mm256_and_si256(even_bit, bit4)));
-        const __m256 u = to_float(_mm256_or_si256(high_nibble(codes), _mm256_and_si256(odd_bit, bit4)));
-        unroll<R>([&](auto r) {
-          const float* xr = x + r * ldx + 64 * c + 8 * h;
-          low[r] = h == 0 ? _mm256_mul_ps(l, _mm256_loadu_ps(xr)) : _mm256_fmadd_ps(l, _mm256_loadu_ps(xr), low[r]);
-          high[r] = h == 0 ? _mm256_mul_ps(u, _mm256_loadu_ps(xr + 32))
-                           : _mm256_fmadd_ps(u, _mm256_loadu_ps(xr + 32), high[r]);
-        });
-      });
-      unroll<R>([&](auto r) {
-        even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
-        odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
-      });
-    });
-    unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+    k_dot_float<R>(b, [&](auto c, auto h, __m256i* low, __m256i* high) {
+      code_lanes<decltype(c)::value, decltype(h)::value>(b, low, high);
+    }, x, ldx, xs, ldg, acc);
   }
 #endif
 #ifdef TCQ_VNNI
