@@ -141,26 +141,40 @@ inline void add_value(float p, const T* v, int64_t dim, float* out) {
   for (; d < dim; ++d) out[d] += p * static_cast<float>(v[d]);
 }
 
-// One request's attention for one query head over its keys in the cache (elements of type T: float, or a
-// narrower cache's c10::BFloat16 / c10::Half, widened to float as they are read).
+// One request's attention for query heads [h0, h1) over its keys in the cache (elements of type T: float, or a
+// narrower cache's c10::BFloat16 / c10::Half, widened to float as they are read). The keys are walked in
+// slot order with every head of the range at each slot: a slot's keys (then values) for those heads are one
+// contiguous run of the cache, where a head at a time would read 128 bytes a slot, one slot (kilobytes)
+// apart, and wait on memory for each. scores holds (h1 - h0) x num_keys floats.
 template <class T>
-void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_keys, int64_t kv_head,
-            int64_t kv_heads, int64_t dim, float scale, float* scores, float* out) {
+void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_keys, int64_t h0, int64_t h1,
+            int64_t group, int64_t kv_heads, int64_t dim, float scale, float* scores, float* out) {
   const int64_t slot_stride = 2 * kv_heads * dim;
   const int64_t value_offset = kv_heads * dim;
-  float max_score = -INFINITY;
+  const int64_t heads = h1 - h0;
   for (int64_t j = 0; j < num_keys; ++j) {
-    scores[j] = dot_key(q, cache + slots[j] * slot_stride + kv_head * dim, dim) * scale;
-    max_score = std::max(max_score, scores[j]);
+    const T* keys = cache + slots[j] * slot_stride;
+    for (int64_t h = h0; h < h1; ++h)
+      scores[(h - h0) * num_keys + j] = dot_key(q + h * dim, keys + h / group * dim, dim) * scale;
   }
-  float total = 0.f;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores + h * num_keys;
+    float max_score = -INFINITY;
+    for (int64_t j = 0; j < num_keys; ++j) max_score = std::max(max_score, sh[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < num_keys; ++j) {
+      sh[j] = std::exp(sh[j] - max_score);
+      total += sh[j];
+    }
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < num_keys; ++j) sh[j] *= inv;
+  }
+  for (int64_t d = 0; d < heads * dim; ++d) out[h0 * dim + d] = 0.f;
   for (int64_t j = 0; j < num_keys; ++j) {
-    scores[j] = std::exp(scores[j] - max_score);
-    total += scores[j];
+    const T* values = cache + slots[j] * slot_stride + value_offset;
+    for (int64_t h = h0; h < h1; ++h)
+      add_value(scores[(h - h0) * num_keys + j], values + h / group * dim, dim, out + h * dim);
   }
-  for (int64_t d = 0; d < dim; ++d) out[d] = 0.f;
-  for (int64_t j = 0; j < num_keys; ++j)
-    add_value(scores[j] / total, cache + slots[j] * slot_stride + value_offset + kv_head * dim, dim, out);
 }
 
 // Calls fn(T{}) with the element type of a cache tensor.
@@ -218,8 +232,11 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vect
   const int64_t* keys_p = key_slots.data_ptr<int64_t>();
   const int64_t* lens_p = key_lens.data_ptr<int64_t>();
   float* attn_p = attn.data_ptr<float>();
-  const int64_t work = n * H;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * D));
+  // Work items: a request's heads in `parts` ranges, enough items for every thread when few rows attend.
+  const int64_t parts = std::min<int64_t>(H, std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n));
+  const int64_t part_heads = (H + parts - 1) / parts;
+  const int64_t work = n * parts;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * D * part_heads));
   with_cache_type(cache, [&](auto zero) {
     using T = decltype(zero);
     T* cache_p = static_cast<T*>(cache.data_ptr());
@@ -229,12 +246,14 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vect
       for (int64_t d = 0; d < 2 * KV * D; ++d) slot[d] = static_cast<T>(kv[d]);
     }
     at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(width);
+      static thread_local std::vector<float> scores;   // kept between calls: no allocation a step
+      scores.resize(std::max<size_t>(scores.size(), static_cast<size_t>(width * part_heads)));
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / H, head = t % H;
+        const int64_t i = t / parts, h0 = t % parts * part_heads, h1 = std::min(H, h0 + part_heads);
         const int64_t first = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
-        attend<T>(qkv_p + i * row + head * D, cache_p, keys_p + i * width + first, lens_p[i] - first, head / group,
-                  KV, D, scale, scores.data(), attn_p + i * H * D + head * D);
+        if (h0 >= h1) continue;
+        attend<T>(qkv_p + i * row, cache_p, keys_p + i * width + first, lens_p[i] - first, h0, h1, group, KV, D,
+                  scale, scores.data(), attn_p + i * H * D);
       }
     });
   });
