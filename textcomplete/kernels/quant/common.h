@@ -60,18 +60,6 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
-// How far ahead of the block being multiplied the direct products ask for weight bytes (prefetch_block).
-constexpr int64_t kPrefetchBytes = 2048;
-
-// Asks the cache for the `bytes` bytes that lie kPrefetchBytes past p (a block's bytes, read kPrefetchBytes
-// later). A decode step's weights stream from memory once, and the hardware prefetchers stop at every 4 KiB
-// page: a row of blocks spans pages, and without a request ahead each new page starts with misses. A request
-// past the end of the weights is harmless (prefetches do not fault).
-template <int64_t Bytes>
-inline void prefetch_block(const uint8_t* p) {
-  for (int64_t offset = 0; offset < Bytes; offset += 64) __builtin_prefetch(p + kPrefetchBytes + offset, 0, 3);
-}
-
 // fn(std::integral_constant<int, i>) for i < N: loop indices known at compile time, so that small arrays of
 // vectors indexed by them stay in registers.
 template <class Fn, int... I>
