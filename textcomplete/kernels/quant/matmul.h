@@ -149,6 +149,7 @@ void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float*
   Vec acc[R][C];
   unroll<R * C>([&](auto i) { acc[i / C][i % C] = vec_zero(); });
   auto step = [&](int64_t b, auto units) {
+    prefetch_block<decltype(units)::value * F::kBytes>(w + b * F::kBytes);
     unroll<decltype(units)::value>([&](auto u) {
       constexpr int kU = decltype(u)::value;
       const float* xb = x + (b + kU) * F::kBlock;
@@ -218,6 +219,7 @@ void dot_float_rows(const uint8_t* w, const float* x, int64_t ldx, const float* 
   Vec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vec_zero();
   for (int64_t b = 0; b < width / F::kBlock; ++b) {
+    prefetch_block<F::kBytes>(w + b * F::kBytes);
     F::template dot_float<R>(w + b * F::kBytes, x + b * F::kBlock, ldx, xs + b * F::kBlock / F::kGroup, ldg, acc);
   }
   for (int r = 0; r < R; ++r) y[r * ldy] += vec_sum(acc[r]);
@@ -282,6 +284,7 @@ void dot_int8_rows(const uint8_t* w, const int8_t* q, int64_t ldq, const float* 
   Vec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vec_zero();
   for (int64_t b = 0; b < width / F::kBlock; ++b) {
+    prefetch_block<F::kBytes>(w + b * F::kBytes);
     F::template dot_int8<R>(w + b * F::kBytes, q + b * F::kBlock, ldq, dx + b * F::kBlock / G,
                             xs + b * F::kBlock / G, ldg, acc);
   }
