@@ -41,6 +41,31 @@ def test_the_cache_is_resident_only_as_it_fills(tiny_model_dir):
     assert resident_bytes() - before < allocated / 8, "the whole KV cache became resident at start"
 
 
+def mapping_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_cache_asks_for_small_pages(tiny_model_dir):
+    """A huge page's first write stalls the step that makes it (the kernel clears 2 MiB, compacting memory
+    first if it must): the cache's mappings are advised against them ("nh")."""
+    engine = tiny_engine(tiny_model_dir, kv_cache_memory=256 << 20)
+    caches = [layer.self_attn.attn.kv_cache for layer in engine.loaded.model.model.layers]
+    for cache in caches:
+        assert "nh" in mapping_flags(cache.data_ptr()), "a KV cache mapping may take huge pages"
+        assert mapping_flags(cache.data_ptr() + cache.nbytes - 1) == mapping_flags(cache.data_ptr())
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert all(cache.float().abs().sum() > 0 for cache in caches), "the requests did not reach the cache"
+
+
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
 def test_a_16_bit_cache_halves_memory_and_stays_close(tiny_model_dir, native_calls, kv_dtype):
     memory = 64 * kv_bytes_per_block(tiny_engine(tiny_model_dir).loaded.spec, 16, torch.float32)
