@@ -237,10 +237,12 @@ struct Q4_K {
     }
   }
 #ifdef TCQ_AVX512
-  static void decode(const uint8_t* b, __m512* v) {
-    alignas(64) float f[16];
-    k_factors(b, f);
-    opaque(f);
+  // A block's factors (k_factors) for the decoder below, which the direct products make for a run of
+  // blocks in a pass of their own (dot_vector): made inside each block's decode, they cost more.
+  static constexpr int kFactors = 16;
+  static void factors(const uint8_t* b, float* f) { k_factors(b, f); }
+  // The block at b, given its factors f.
+  static void decode(const uint8_t* b, const float* f, __m512* v) {
     const uint8_t* q = b + 16;
     for (int c = 0; c < 4; ++c) {
       // Each sub-block's 16 possible values, looked up by nibble.
@@ -252,6 +254,12 @@ struct Q4_K {
       v[4 * c + 2] = lookup16(_mm512_srli_epi32(q0, 4), high);
       v[4 * c + 3] = lookup16(_mm512_srli_epi32(q1, 4), high);
     }
+  }
+  static void decode(const uint8_t* b, __m512* v) {
+    alignas(64) float f[16];
+    k_factors(b, f);
+    opaque(f);
+    decode(b, f, v);
   }
 #elif defined(TCQ_AVX2)
   // The codes of values 8h..8h + 7 of sub-blocks 2c (low nibbles) and 2c + 1 (high), one a lane.

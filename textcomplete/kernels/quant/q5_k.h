@@ -76,12 +76,14 @@ struct Q5_K {
     return five_bit_code(nibbles, fifth);
   }
 
-  static void decode(const uint8_t* b, __m512* v) {
-    alignas(64) float f[16];
-    k_factors(b, f);
+  // A block's factors (k_factors) for the decoder below, made a run of blocks at a time by the direct
+  // products (dot_vector), as Q4_K's.
+  static constexpr int kFactors = 16;
+  static void factors(const uint8_t* b, float* f) { k_factors(b, f); }
+  // The block at b, given its factors f.
+  static void decode(const uint8_t* b, const float* f, __m512* v) {
     alignas(64) uint8_t codes[256];
     for (int c = 0; c < 4; ++c) _mm512_store_si512(codes + 64 * c, run_codes(b, c));   // lookup32 ignores bits 5-7
-    opaque(f);
     opaque(codes);   // widened by loads from memory, not by shuffles out of registers
     for (int j = 0; j < 8; ++j) {
       const __m512 m = _mm512_set1_ps(f[j]), o = _mm512_set1_ps(f[8 + j]);
@@ -90,6 +92,12 @@ struct Q5_K {
       v[2 * j] = lookup32(widen_u8(codes + 32 * j), low, high);
       v[2 * j + 1] = lookup32(widen_u8(codes + 32 * j + 16), low, high);
     }
+  }
+  static void decode(const uint8_t* b, __m512* v) {
+    alignas(64) float f[16];
+    k_factors(b, f);
+    opaque(f);
+    decode(b, f, v);
   }
 #elif defined(TCQ_AVX2)
   // The codes of values 8h..8h + 7 of sub-blocks 2c and 2c + 1: Q4_K's nibbles, and bits 2c and 2c + 1 of
