@@ -208,6 +208,16 @@ inline void opaque(const void* p) {
   asm volatile("" : : "r"(p) : "memory");
 }
 
+// F::decode(b, v) of a format whose decoder takes its factors made beforehand (F::factors into kFactors
+// floats, then F::decode(b, f, v)): the block's own factors, made here.
+template <class F>
+inline void decode_with_own_factors(const uint8_t* b, __m512* v) {
+  alignas(64) float f[F::kFactors];
+  F::factors(b, f);
+  opaque(f);
+  F::decode(b, f, v);
+}
+
 inline __m512 iota16() {
   return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }

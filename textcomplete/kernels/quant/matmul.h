@@ -178,8 +178,8 @@ void dot_vector(const uint8_t* w, const float* x, int64_t ldx, int64_t k, float*
         prefetch_block<F::kBytes>(w + b * F::kBytes);
         Vec v[V];
         F::decode(w + b * F::kBytes, f + i * F::kFactors, v);
-        unroll<V>([&](auto i) {
-          take(x + b * F::kBlock, std::integral_constant<int, 0>{}, i, v[decltype(i)::value]);
+        unroll<V>([&](auto index) {
+          take(x + b * F::kBlock, std::integral_constant<int, 0>{}, index, v[decltype(index)::value]);
         });
       }
     }

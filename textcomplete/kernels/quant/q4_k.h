@@ -255,12 +255,7 @@ struct Q4_K {
       v[4 * c + 3] = lookup16(_mm512_srli_epi32(q1, 4), high);
     }
   }
-  static void decode(const uint8_t* b, __m512* v) {
-    alignas(64) float f[16];
-    k_factors(b, f);
-    opaque(f);
-    decode(b, f, v);
-  }
+  static void decode(const uint8_t* b, __m512* v) { decode_with_own_factors<Q4_K>(b, v); }
 #elif defined(TCQ_AVX2)
   // The codes of values 8h..8h + 7 of sub-blocks 2c (low nibbles) and 2c + 1 (high), one a lane.
   template <int c, int h>

@@ -93,12 +93,7 @@ struct Q5_K {
       v[2 * j + 1] = lookup32(widen_u8(codes + 32 * j + 16), low, high);
     }
   }
-  static void decode(const uint8_t* b, __m512* v) {
-    alignas(64) float f[16];
-    k_factors(b, f);
-    opaque(f);
-    decode(b, f, v);
-  }
+  static void decode(const uint8_t* b, __m512* v) { decode_with_own_factors<Q5_K>(b, v); }
 #elif defined(TCQ_AVX2)
   // The codes of values 8h..8h + 7 of sub-blocks 2c and 2c + 1: Q4_K's nibbles, and bits 2c and 2c + 1 of
   // qh moved onto bit 4 (shifts by 4 - j, or j - 4 for j > 4).
