@@ -264,6 +264,14 @@ void dot_float_rows(const uint8_t* w, const float* x, int64_t ldx, const float* 
 }
 #endif
 
+// The K-chunk of a direct path whose m rows of x take value_bytes a value: whole rows while x fits in
+// kWholeRowBytes, else whole blocks filling kDirectChunkBytes (see both above).
+template <class F>
+int64_t direct_chunk(int64_t m, int64_t k, int64_t value_bytes) {
+  if (m * k * value_bytes <= kWholeRowBytes) return k;
+  return std::max<int64_t>(1, kDirectChunkBytes / (value_bytes * m * F::kBlock)) * F::kBlock;
+}
+
 // The direct paths' loop over weight rows [n0, n1): each weight byte is read from memory once. The rows go
 // a few at a time, and K in chunks of `chunk` values, small enough that the chunk of every row of x stays in
 // L1 while those weight rows pass it; rows(j, k0, width, r, count) multiplies weight row j's values
@@ -286,8 +294,7 @@ void direct_loop(int64_t m, int64_t n0, int64_t n1, int64_t k, int64_t chunk, co
 template <class F>
 void direct_range(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n0, int64_t n1,
                   float* yp, int64_t ldy, bool portable, const GroupSums* sums) {
-  const int64_t chunk =
-      4 * m * k <= kWholeRowBytes ? k : std::max<int64_t>(1, kDirectChunkBytes / (4 * m * F::kBlock)) * F::kBlock;
+  const int64_t chunk = direct_chunk<F>(m, k, sizeof(float));
   direct_loop(m, n0, n1, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
     const float* xr = xp + r * k + k0;
@@ -335,8 +342,7 @@ template <class F>
 void direct_int8_range(const QuantizedRows& xq, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n0,
                        int64_t n1, float* yp, int64_t ldy) {
   constexpr int64_t G = F::kGroup;
-  const int64_t chunk =
-      m * k <= kWholeRowBytes ? k : std::max<int64_t>(1, kDirectChunkBytes / (m * F::kBlock)) * F::kBlock;
+  const int64_t chunk = direct_chunk<F>(m, k, sizeof(int8_t));
   direct_loop(m, n0, n1, k, chunk, [&](int64_t j, int64_t k0, int64_t width, int64_t r, int64_t count) {
     const uint8_t* piece = w + j * ldw + k0 / F::kBlock * F::kBytes;
     const int8_t* qr = xq.codes(r, k0);
