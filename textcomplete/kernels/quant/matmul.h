@@ -461,6 +461,18 @@ class OneBlasThread {
   const int saved_;
 };
 
+// Asks for `count` rows of `bytes` weight bytes from p on (row stride ldw), into L2: the tiled path's next
+// K-chunk, requested before it decodes this one, so that the bytes arrive while this chunk's matmul runs.
+// Each row's chunk is a few hundred bytes a row stride apart, which the hardware prefetchers do not follow:
+// a profile of the 8B-shaped prefill without it had 60% of the decoder's samples on the first load of each
+// block. Measured in-process on that prefill (128 tokens, two processes taking turns, 8 turns each): median
+// ratios 0.93, 0.98 and 0.98 of the time without it, on a machine whose timings varied by 15% turn to turn.
+inline void prefetch_rows(const uint8_t* p, int64_t count, int64_t bytes, int64_t ldw) {
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + r * ldw + offset, 0, 2);
+  }
+}
+
 // Tiled path: each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32 scratch
 // and multiplies all of x by them with ATen's matmul, single-threaded inside the parallel loop,
 // accumulating into the tile's columns of y. F32 weights are multiplied in place by one multi-threaded call.
@@ -494,6 +506,9 @@ void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_
       for (int64_t k0 = 0; k0 < k; k0 += cols) {
         const int64_t width = std::min(cols, k - k0);
         const uint8_t* chunk = w + first * ldw + k0 / F::kBlock * F::kBytes;
+        if (k0 + width < k) {
+          prefetch_rows(chunk + row_bytes<F>(width), count, row_bytes<F>(std::min(cols, k - k0 - width)), ldw);
+        }
         for (int64_t r = 0; r < count; ++r) decode_row<F>(chunk + r * ldw, width, buffer.data() + r * width, portable);
         const at::Tensor part = at::from_blob(buffer.data(), {count, width}, x.options()).t();
         if (k0 == 0) {
