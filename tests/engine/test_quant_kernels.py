@@ -98,6 +98,21 @@ def test_native_kernels_match_the_oracle(each_build, name):
                 oracle.check(each_build.matmul(x, raw, fmt.type_id, k, direct_rows, portable))
 
 
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_K", "Q6_K"])
+def test_tiled_products_of_many_rows_match_the_oracle(each_build, name):
+    """x with many rows (a long prompt's prefill chunk, and more): the tiled path then takes fewer weight rows
+    a tile and shorter K-chunks, so that its transposed output and x stay in cache; rows past a multiple of
+    16 are padding that must not reach y."""
+    fmt = by_name(name)
+    k = odd_ks(fmt)[0]
+    raw = torch.from_numpy(random_blocks(fmt, 300, k, seed=5))
+    for m in (520, 1100):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        oracle = Oracle(x, raw, fmt, k)
+        for portable in (False, True):
+            oracle.check(each_build.matmul(x, raw, fmt.type_id, k, 0, portable))
+
+
 @pytest.mark.parametrize("name", EXPECTED)
 def test_native_dequantize_matches_pytorch(each_build, name):
     fmt = by_name(name)

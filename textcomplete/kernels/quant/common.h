@@ -264,6 +264,54 @@ inline __m512 spread_lanes(__m512 v, int first, int width) {
                                          _mm512_srli_epi32(lanes, width == 8 ? 3 : 2));
   return _mm512_permutexvar_ps(index, v);
 }
+
+// 16 rows of 16 dwords each (rows `in[i]`) transposed: out[j] holds dword j of every row.
+inline void transpose16(const __m512i* in, __m512i* out) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  // b[4q + s] holds, in 128-bit lane l, dwords 4l + {s'} of rows 4q..4q+3 (s' the order above: 0, 1, 2, 3).
+  for (int i = 0; i < 4; ++i) {
+    for (int q = 0; q < 4; q += 2) {
+      a[4 * q + i] = _mm512_shuffle_i32x4(b[4 * q + i], b[4 * q + 4 + i], 0x88);       // lanes 0, 2 | 0, 2
+      a[4 * q + 4 + i] = _mm512_shuffle_i32x4(b[4 * q + i], b[4 * q + 4 + i], 0xDD);   // lanes 1, 3 | 1, 3
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512i r01_even = a[i], r01_odd = a[4 + i], r23_even = a[8 + i], r23_odd = a[12 + i];
+    out[i] = _mm512_shuffle_i32x4(r01_even, r23_even, 0x88);        // 128-bit lane 0 of each source
+    out[8 + i] = _mm512_shuffle_i32x4(r01_even, r23_even, 0xDD);    // lane 2
+    out[4 + i] = _mm512_shuffle_i32x4(r01_odd, r23_odd, 0x88);      // lane 1
+    out[12 + i] = _mm512_shuffle_i32x4(r01_odd, r23_odd, 0xDD);     // lane 3
+  }
+}
+#elif defined(TCQ_AVX2)
+// 8 rows of 8 dwords each (rows `r[i]`) transposed in place: r[j] then holds dword j of every row.
+inline void transpose8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);       // dwords 0, 1 | 4, 5 of rows i, i + 1, interleaved
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);   // dwords 2, 3 | 6, 7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);       // dword 0 | 4 of rows i..i + 3
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);   // dword 1 | 5
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);   // dword 2 | 6
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);   // dword 3 | 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);       // low 128-bit lanes: dword j
+    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);   // high lanes: dword j + 4
+  }
+}
 #endif
 
 #ifdef TCQ_VECTOR
