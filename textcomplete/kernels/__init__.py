@@ -79,14 +79,16 @@ def _same_as_native(target: str) -> bool:
 
 def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,
                     target: str = "native") -> Path:
-    """The cache directory of one module's build: one per module, source (and the headers it includes),
-    compiler flags, torch version and CPU (-march=native is CPU-specific)."""
+    """The cache directory of one module's build: one per module, source (and the headers it includes), its
+    path, compiler flags, torch version and CPU (-march=native is CPU-specific). torch's build file records the
+    source's path, so two checkouts of the same code sharing one directory would rebuild it in turn, each start
+    after the other's paying for a build."""
     cflags, _ = build_flags(target)
     cflags += _OPENMP if openmp else []
     texts = [source.read_bytes(), *(h.read_bytes() for h in headers)]
-    key = hashlib.sha256(b"\0".join([name.encode(), *texts, " ".join(cflags).encode(),
-                                     torch.__version__.encode(), platform.machine().encode(),
-                                     _cpu_model().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([name.encode(), str(source.resolve()).encode(), *texts,
+                                     " ".join(cflags).encode(), torch.__version__.encode(),
+                                     platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
     root = Path(os.environ.get("TEXTCOMPLETE_CACHE", Path.home() / ".cache" / "textcomplete"))
     return root / "kernels" / key
 
