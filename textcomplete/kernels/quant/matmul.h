@@ -5,7 +5,7 @@
 //  - direct (few rows of x: decode steps, bandwidth-bound): every weight byte is read once; a block is
 //    decoded into vector registers and multiplied into up to four rows of x at a time, or, for the formats
 //    with a dot_float (the K formats on AVX2), its codes are multiplied by x and each group's scale is
-//    taken once per group sum, the offsets from x's group sums.
+//    taken once per group sum, the offsets from x's group sums (Q4_K reads x reordered by its prepare_x).
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x, on AVX-512 in a micro-kernel of our own (gemm.h), elsewhere
 //    with ATen's matmul run single-threaded inside the parallel loop; each tile writes its own columns of y.
@@ -250,6 +250,13 @@ struct GroupSums {
   const float* sums(int64_t r, int64_t k0, int64_t group) const { return xs.data() + r * ldg + k0 / group; }
 };
 
+// Whether format F's dot_float reads x in an order of its own, made once per product by
+// F::prepare_x(x, out, k) for each row of k values.
+template <class F, class = void>
+struct HasPreparedX : std::false_type {};
+template <class F>
+struct HasPreparedX<F, std::void_t<decltype(&F::prepare_x)>> : std::true_type {};
+
 #ifdef TCQ_VECTOR
 // y[r * ldy] += R rows of float32 x times `width` values of a weight row, block by block (F::dot_float).
 template <class F, int R>
@@ -414,6 +421,26 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
       });
     }
   }
+  // x in the order of each format's dot_float that has one (HasPreparedX), made where its sums are.
+  std::vector<std::pair<int64_t, at::Tensor>> prepared;
+  auto prepared_for = [&](int64_t type) -> const float* {
+    for (const auto& p : prepared) if (p.first == type) return p.second.data_ptr<float>();
+    return nullptr;
+  };
+  if (!portable) {
+    for (const StoredPart& p : parts) {
+      with_format(Formats{}, p.type, [&](auto f) {
+        using F = decltype(f);
+        if constexpr (HasFloatDot<F>::value && HasPreparedX<F>::value) {
+          if (sums_for(F::kGroup) != nullptr && prepared_for(F::kType) == nullptr) {
+            at::Tensor out = at::empty_like(x);
+            for (int64_t r = 0; r < m; ++r) F::prepare_x(x.data_ptr<float>() + r * k, out.data_ptr<float>() + r * k, k);
+            prepared.emplace_back(F::kType, std::move(out));
+          }
+        }
+      });
+    }
+  }
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
@@ -435,8 +462,14 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
         }
 #endif
         const GroupSums* sums = nullptr;
-        if constexpr (HasFloatDot<F>::value) sums = sums_for(F::kGroup);
-        direct_range<F>(xp, m, k, w, ldw, lo, hi, yp + first[i], n, portable, sums);
+        const float* xf = xp;
+        if constexpr (HasFloatDot<F>::value) {
+          sums = sums_for(F::kGroup);
+          if constexpr (HasPreparedX<F>::value) {
+            if (sums != nullptr) xf = prepared_for(F::kType);
+          }
+        }
+        direct_range<F>(xf, m, k, w, ldw, lo, hi, yp + first[i], n, portable, sums);
       });
     }
   });
