@@ -4,8 +4,8 @@
 // place, often from a read-only memory map, never written). Two paths, chosen by the caller's row count:
 //  - direct (few rows of x: decode steps, bandwidth-bound): every weight byte is read once; a block is
 //    decoded into vector registers and multiplied into up to four rows of x at a time, or, for the formats
-//    with a dot_float (the K formats on AVX2), its codes are multiplied by x and each group's scale is
-//    taken once per group sum, the offsets from x's group sums (Q4_K reads x reordered by its prepare_x).
+//    with a dot_float (the K formats, Q4_0 and Q4_1 on AVX2), its codes are multiplied by x and each group's scale is
+//    taken once per group sum, the offsets from x's group sums (most read x reordered by their prepare_x).
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x, on AVX-512 in a micro-kernel of our own (gemm.h), elsewhere
 //    with ATen's matmul run single-threaded inside the parallel loop; each tile writes its own columns of y.
@@ -257,16 +257,36 @@ struct HasPreparedX : std::false_type {};
 template <class F>
 struct HasPreparedX<F, std::void_t<decltype(&F::prepare_x)>> : std::true_type {};
 
+// Blocks that one F::dot_float call multiplies (F::kDotBlocks, else 1).
+template <class F>
+constexpr int64_t dot_blocks() {
+  if constexpr (requires { F::kDotBlocks; }) return F::kDotBlocks;
+  else return 1;
+}
+
 #ifdef TCQ_VECTOR
-// y[r * ldy] += R rows of float32 x times `width` values of a weight row, block by block (F::dot_float).
+// y[r * ldy] += R rows of float32 x times `width` values of a weight row, dot_blocks<F>() blocks a step
+// (F::dot_float). A lone block left at the end of a row, which prepare_x keeps in x's order, is decoded.
 template <class F, int R>
 void dot_float_rows(const uint8_t* w, const float* x, int64_t ldx, const float* xs, int64_t ldg, int64_t width,
                     float* y, int64_t ldy) {
+  constexpr int64_t D = dot_blocks<F>();
   Vec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vec_zero();
-  for (int64_t b = 0; b < width / F::kBlock; ++b) {
-    prefetch_block<F::kBytes>(w + b * F::kBytes);
+  const int64_t blocks = width / F::kBlock;
+  int64_t b = 0;
+  for (; b + D <= blocks; b += D) {
+    prefetch_block<D * F::kBytes>(w + b * F::kBytes);
     F::template dot_float<R>(w + b * F::kBytes, x + b * F::kBlock, ldx, xs + b * F::kBlock / F::kGroup, ldg, acc);
+  }
+  if constexpr (D > 1) {
+    for (; b < blocks; ++b) {
+      Vec v[F::kBlock / kLanes];
+      F::decode(w + b * F::kBytes, v);
+      unroll<F::kBlock / kLanes>([&](auto i) {
+        for (int r = 0; r < R; ++r) acc[r] = vec_fmadd(v[i], vec_load(x + r * ldx + b * F::kBlock + kLanes * i), acc[r]);
+      });
+    }
   }
   for (int r = 0; r < R; ++r) y[r * ldy] += vec_sum(acc[r]);
 }
@@ -277,7 +297,8 @@ void dot_float_rows(const uint8_t* w, const float* x, int64_t ldx, const float* 
 template <class F>
 int64_t direct_chunk(int64_t m, int64_t k, int64_t value_bytes) {
   if (m * k * value_bytes <= kWholeRowBytes) return k;
-  return std::max<int64_t>(1, kDirectChunkBytes / (value_bytes * m * F::kBlock)) * F::kBlock;
+  constexpr int64_t step = dot_blocks<F>() * F::kBlock;   // whole dot_float steps, so that pairs stay aligned
+  return std::max<int64_t>(1, kDirectChunkBytes / (value_bytes * m * step)) * step;
 }
 
 // The direct paths' loop over weight rows [n0, n1): each weight byte is read from memory once. The rows go

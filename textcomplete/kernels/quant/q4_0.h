@@ -49,6 +49,14 @@ struct Q4_0 {
       v[2 + h] = _mm256_fmadd_ps(to_float(high_nibble(q)), d, offset);
     }
   }
+  // The float32 product, two blocks at a time (nibble_pair_dot: value = d * q - 8 * d), on x made by prepare_x.
+  static constexpr int64_t kDotBlocks = 2;
+  static void prepare_x(const float* x, float* out, int64_t k) { nibble_pair_prepare_x(x, out, k); }
+  template <int R>
+  static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
+    const __m128 d = _mm_cvtph_ps(_mm_unpacklo_epi16(_mm_cvtsi32_si128(load_u16(b)), _mm_cvtsi32_si128(load_u16(b + kBytes))));
+    nibble_pair_dot<R>(b + 2, b + kBytes + 2, _mm_unpacklo_ps(d, _mm_mul_ps(d, _mm_set1_ps(-8.f))), x, ldx, xs, ldg, acc);
+  }
 #endif
 #ifdef TCQ_AVX2
   // acc[r] += this block times rows r < R of 8-bit x (block32_dot_int8; AVX2 builds only: with AVX-512 the

@@ -47,6 +47,15 @@ struct Q4_1 {
       v[2 + h] = _mm256_add_ps(_mm256_mul_ps(to_float(high_nibble(q)), d), m);
     }
   }
+  // The float32 product, two blocks at a time (nibble_pair_dot), on x made by prepare_x.
+  static constexpr int64_t kDotBlocks = 2;
+  static void prepare_x(const float* x, float* out, int64_t k) { nibble_pair_prepare_x(x, out, k); }
+  template <int R>
+  static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
+    const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128(static_cast<int>(load_u32(b))),
+                                                      _mm_cvtsi32_si128(static_cast<int>(load_u32(b + kBytes)))));
+    nibble_pair_dot<R>(b + 4, b + kBytes + 4, dm, x, ldx, xs, ldg, acc);
+  }
 #endif
 #ifdef TCQ_AVX2
   // acc[r] += this block times rows r < R of 8-bit x (block32_dot_int8; AVX2 builds only: with AVX-512 the

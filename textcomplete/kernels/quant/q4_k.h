@@ -130,7 +130,7 @@ inline void k_dot_int8(const uint8_t* b, const __m256i* codes, const int8_t* q, 
 #endif
 
 #ifdef TCQ_AVX2
-// The AVX2 float32 decode steps Q4_K and Q5_K share. `codes(c, h, &low, &high)`, for c, h < 4 given as
+// The AVX2 float32 decoders Q4_K and Q5_K share (and Q5_K's dot_float). `codes(c, h, &low, &high)`, for c, h < 4 given as
 // std::integral_constant, sets the codes of values 8h..8h + 7 of sub-blocks 2c (low) and 2c + 1 (high), one
 // a lane of int32.
 
@@ -158,7 +158,7 @@ inline void k_decode_each(const uint8_t* b, Codes codes, Sink&& sink) {
   });
 }
 
-// acc[r] += the block times rows r < R of float32 x (x + r * ldx), its float32 dot_float: each sub-block's
+// acc[r] += the block times rows r < R of float32 x (x + r * ldx), Q5_K's float32 dot_float: each sub-block's
 // sum of codes times x takes d * scale_j once, and the mins come from x's sums over the sub-blocks
 // (xs + r * ldg, one a lane).
 template <int R, class Codes>
