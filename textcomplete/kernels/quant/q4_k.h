@@ -158,12 +158,12 @@ inline void k_decode_each(const uint8_t* b, Codes codes, Sink&& sink) {
   });
 }
 
-// acc[r] += the block times rows r < R of float32 x (x + r * ldx), Q5_K's float32 dot_float: each sub-block's
-// sum of codes times x takes d * scale_j once, and the mins come from x's sums over the sub-blocks
+// acc[r] += the block times rows r < R of float32 x, the frame of the float32 dot_floats: sums(c, low, high),
+// for c < 4 given as std::integral_constant, sets each row's sums of codes times x over sub-blocks 2c (low[r])
+// and 2c + 1 (high[r]); each sum takes d * scale_j once, and the mins come from x's sums over the sub-blocks
 // (xs + r * ldg, one a lane).
-template <int R, class Codes>
-inline void k_dot_float(const uint8_t* b, Codes codes, const float* x, int64_t ldx, const float* xs, int64_t ldg,
-                        __m256* acc) {
+template <int R, class Sums>
+inline void k_dot_sums(const uint8_t* b, Sums sums, const float* xs, int64_t ldg, __m256* acc) {
   alignas(32) float mul[8], off[8];
   k_factors(b, mul, off);
   const __m256 mins = _mm256_load_ps(off);
@@ -175,6 +175,21 @@ inline void k_dot_float(const uint8_t* b, Codes codes, const float* x, int64_t l
   unroll<4>([&](auto c_) {
     constexpr int c = decltype(c_)::value;
     __m256 low[R], high[R];
+    sums(c_, low, high);
+    unroll<R>([&](auto r) {
+      even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
+      odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
+    });
+  });
+  unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+}
+
+// Q5_K's float32 dot_float (k_dot_sums), on x in value order (x + r * ldx): codes widened a lane each.
+template <int R, class Codes>
+inline void k_dot_float(const uint8_t* b, Codes codes, const float* x, int64_t ldx, const float* xs, int64_t ldg,
+                        __m256* acc) {
+  k_dot_sums<R>(b, [&](auto c_, __m256* low, __m256* high) {
+    constexpr int c = decltype(c_)::value;
     unroll<4>([&](auto h_) {
       constexpr int h = decltype(h_)::value;
       __m256i low_codes, high_codes;
@@ -187,12 +202,7 @@ inline void k_dot_float(const uint8_t* b, Codes codes, const float* x, int64_t l
                          : _mm256_fmadd_ps(u, _mm256_loadu_ps(xr + 32), high[r]);
       });
     });
-    unroll<R>([&](auto r) {
-      even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
-      odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
-    });
-  });
-  unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+  }, xs, ldg, acc);
 }
 #endif
 
@@ -294,22 +304,12 @@ struct Q4_K {
       }
     }
   }
-  // acc[r] += the block times rows r < R of x made by prepare_x (x + r * ldx); each sub-block's sum takes
-  // d * scale_j once, and the mins come from x's sums over the sub-blocks (xs + r * ldg, one a lane).
+  // acc[r] += the block times rows r < R of x made by prepare_x (x + r * ldx), in k_dot_sums's frame.
   template <int R>
   static void dot_float(const uint8_t* b, const float* x, int64_t ldx, const float* xs, int64_t ldg, __m256* acc) {
-    alignas(32) float mul[8], off[8];
-    k_factors(b, mul, off);
-    const __m256 mins = _mm256_load_ps(off);
-    __m256 even[R], odd[R];   // sub-blocks 2c and 2c + 1
-    unroll<R>([&](auto r) {
-      even[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs + r * ldg), acc[r]);
-      odd[r] = _mm256_setzero_ps();
-    });
-    unroll<4>([&](auto c_) {
+    k_dot_sums<R>(b, [&](auto c_, __m256* low, __m256* high) {
       constexpr int c = decltype(c_)::value;
       const __m256i run = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
-      __m256 low[R], high[R];
       unroll<8>([&](auto p_) {
         constexpr int p = decltype(p_)::value;
         const __m256 codes = _mm256_cvtepi32_ps(p < 7 ? _mm256_and_si256(run, _mm256_set1_epi32(15 << (4 * p)))
@@ -320,12 +320,7 @@ struct Q4_K {
           else high[r] = p == 1 ? _mm256_mul_ps(codes, xv) : _mm256_fmadd_ps(codes, xv, high[r]);
         });
       });
-      unroll<R>([&](auto r) {
-        even[r] = _mm256_fmadd_ps(low[r], _mm256_broadcast_ss(mul + 2 * c), even[r]);
-        odd[r] = _mm256_fmadd_ps(high[r], _mm256_broadcast_ss(mul + 2 * c + 1), odd[r]);
-      });
-    });
-    unroll<R>([&](auto r) { acc[r] = _mm256_add_ps(even[r], odd[r]); });
+    }, xs, ldg, acc);
   }
 #endif
 #ifdef TCQ_VNNI
