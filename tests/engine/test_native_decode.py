@@ -63,6 +63,22 @@ def test_float32_native_decode_matches_pytorch_layers(tiny_model_dir, kernels, n
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
+def test_long_prompts_decode_natively_as_pytorch_does(tiny_model_dir, kernels, native_calls, kv_cache_dtype):
+    """Keys in several of the native attention's chunks and tiles, the last ones partly filled."""
+    prompts = random_prompts(3, seed=5, low=150, high=340)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
+    engines = [tiny_engine(tiny_model_dir, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype,
+                           native_decode=native) for native in (True, False)]
+    (tokens_n, logprobs_n), (tokens_p, logprobs_p) = (_run(e, prompts, params) for e in engines)
+    assert native_calls and max(native_calls) == 3
+    assert tokens_n == tokens_p
+    for a, b in zip(logprobs_n, logprobs_p):
+        got = torch.tensor([[x.logprob, *(lp for _, lp in x.top)] for x in a])
+        want = torch.tensor([[y.logprob, *(lp for _, lp in y.top)] for y in b])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_a_batch_of_one_token_prompts_decodes_natively(tiny_model_dir, kernels, native_calls):
     """Their first decode step reads one key each: the narrowest key table the runner builds."""
     native = tiny_engine(tiny_model_dir, enable_prefix_caching=False)

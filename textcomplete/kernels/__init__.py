@@ -181,5 +181,6 @@ def _build(kind: str, target: str) -> ModuleType | None:
 
 
 def _headers() -> tuple[Path, ...]:
-    """The headers both modules include: the block formats and their products (a change rebuilds both)."""
-    return tuple(sorted((_SOURCE.parent / "quant").glob("*.h")))
+    """The headers the modules include: the block formats and their products, the decode attention (a change
+    rebuilds both modules)."""
+    return tuple(sorted([*_SOURCE.parent.glob("*.h"), *(_SOURCE.parent / "quant").glob("*.h")]))

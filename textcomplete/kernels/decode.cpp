@@ -22,6 +22,7 @@
 //                A projection's output is its parts' outputs side by side.
 //   layouts      per layer: the part counts of qkv, o, gate_up, down, then each part's GGML type (-1: float)
 
+#include "attention.h"
 #include "quant/matmul.h"
 
 #include <algorithm>
@@ -110,73 +111,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   }
 }
 
-// q . k over dim values (k of cache type T, widened as it is read).
-template <class T>
-inline float dot_key(const float* q, const T* k, int64_t dim) {
-  int64_t d = 0;
-  float dot = 0.f;
-#ifdef TCQ_VECTOR
-  if (dim % tcq::kLanes == 0) {
-    tcq::Vec acc = tcq::vec_zero();
-    for (; d < dim; d += tcq::kLanes) acc = tcq::vec_fmadd(tcq::vec_load(q + d), tcq::vec_load(k + d), acc);
-    return tcq::vec_sum(acc);
-  }
-#endif
-  for (; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
-  return dot;
-}
-
-// out[0..dim) += p * v (v of cache type T).
-template <class T>
-inline void add_value(float p, const T* v, int64_t dim, float* out) {
-  int64_t d = 0;
-#ifdef TCQ_VECTOR
-  if (dim % tcq::kLanes == 0) {
-    const tcq::Vec weight = tcq::vec_set1(p);
-    for (; d < dim; d += tcq::kLanes)
-      tcq::vec_store(out + d, tcq::vec_fmadd(weight, tcq::vec_load(v + d), tcq::vec_load(out + d)));
-    return;
-  }
-#endif
-  for (; d < dim; ++d) out[d] += p * static_cast<float>(v[d]);
-}
-
-// One request's attention for query heads [h0, h1) over its keys in the cache (elements of type T: float, or a
-// narrower cache's c10::BFloat16 / c10::Half, widened to float as they are read). The keys are walked in
-// slot order with every head of the range at each slot: a slot's keys (then values) for those heads are one
-// contiguous run of the cache, where a head at a time would read 128 bytes a slot, one slot (kilobytes)
-// apart, and wait on memory for each. scores holds (h1 - h0) x num_keys floats.
-template <class T>
-void attend(const float* q, const T* cache, const int64_t* slots, int64_t num_keys, int64_t h0, int64_t h1,
-            int64_t group, int64_t kv_heads, int64_t dim, float scale, float* scores, float* out) {
-  const int64_t slot_stride = 2 * kv_heads * dim;
-  const int64_t value_offset = kv_heads * dim;
-  const int64_t heads = h1 - h0;
-  for (int64_t j = 0; j < num_keys; ++j) {
-    const T* keys = cache + slots[j] * slot_stride;
-    for (int64_t h = h0; h < h1; ++h)
-      scores[(h - h0) * num_keys + j] = dot_key(q + h * dim, keys + h / group * dim, dim) * scale;
-  }
-  for (int64_t h = 0; h < heads; ++h) {
-    float* sh = scores + h * num_keys;
-    float max_score = -INFINITY;
-    for (int64_t j = 0; j < num_keys; ++j) max_score = std::max(max_score, sh[j]);
-    float total = 0.f;
-    for (int64_t j = 0; j < num_keys; ++j) {
-      sh[j] = std::exp(sh[j] - max_score);
-      total += sh[j];
-    }
-    const float inv = 1.f / total;
-    for (int64_t j = 0; j < num_keys; ++j) sh[j] *= inv;
-  }
-  for (int64_t d = 0; d < heads * dim; ++d) out[h0 * dim + d] = 0.f;
-  for (int64_t j = 0; j < num_keys; ++j) {
-    const T* values = cache + slots[j] * slot_stride + value_offset;
-    for (int64_t h = h0; h < h1; ++h)
-      add_value(scores[(h - h0) * num_keys + j], values + h / group * dim, dim, out + h * dim);
-  }
-}
-
 // Calls fn(T{}) with the element type of a cache tensor.
 template <class Fn>
 void with_cache_type(const at::Tensor& cache, Fn&& fn) {
@@ -232,11 +166,19 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vect
   const int64_t* keys_p = key_slots.data_ptr<int64_t>();
   const int64_t* lens_p = key_lens.data_ptr<int64_t>();
   float* attn_p = attn.data_ptr<float>();
-  // Work items: a request's heads in `parts` ranges, enough items for every thread when few rows attend.
-  const int64_t parts = std::min<int64_t>(H, std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n));
-  const int64_t part_heads = (H + parts - 1) / parts;
-  const int64_t work = n * parts;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * D * part_heads));
+  // A request's first key (past a sliding window) and first chunk; the state of its chunk c for query head h
+  // is at ((first_chunk[i] + c) * H + h) * (D + 2). Work items: each chunk for each of `ranges` KV head ranges.
+  std::vector<int64_t> first_key(n), first_chunk(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    first_key[i] = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
+    const int64_t keys = lens_p[i] - first_key[i];
+    first_chunk[i + 1] = first_chunk[i] + (keys + attention::kKeyChunk - 1) / attention::kKeyChunk;
+  }
+  const int64_t chunks = first_chunk[n], want = 4 * at::get_num_threads();   // items: about four a thread
+  const int64_t ranges = std::clamp<int64_t>((want + chunks - 1) / std::max<int64_t>(1, chunks), 1, KV);
+  const int64_t range_heads = (KV + ranges - 1) / ranges;
+  at::Tensor state = at::empty({chunks * H, D + 2}, x.options());
+  float* state_p = state.data_ptr<float>();
   with_cache_type(cache, [&](auto zero) {
     using T = decltype(zero);
     T* cache_p = static_cast<T*>(cache.data_ptr());
@@ -245,17 +187,28 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vect
       T* slot = cache_p + slot_p[i] * 2 * KV * D;
       for (int64_t d = 0; d < 2 * KV * D; ++d) slot[d] = static_cast<T>(kv[d]);
     }
-    at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
-      static thread_local std::vector<float> scores;   // kept between calls: no allocation a step
-      scores.resize(std::max<size_t>(scores.size(), static_cast<size_t>(width * part_heads)));
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / parts, h0 = t % parts * part_heads, h1 = std::min(H, h0 + part_heads);
-        const int64_t first = window > 0 ? std::max<int64_t>(0, lens_p[i] - window) : 0;
-        if (h0 >= h1) continue;
-        attend<T>(qkv_p + i * row, cache_p, keys_p + i * width + first, lens_p[i] - first, h0, h1, group, KV, D,
-                  scale, scores.data(), attn_p + i * H * D);
+    tcq::parallel_pieces(chunks * ranges, 1, 1, [&](int64_t begin, int64_t end) {
+      static thread_local std::vector<float> tile;   // kept between calls: no allocation a step
+      tile.resize(std::max<size_t>(tile.size(), static_cast<size_t>(attention::kKeyTile * (2 * D + 1))));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t chunk = item / ranges, kv0 = item % ranges * range_heads;
+        const int64_t kv1 = std::min(KV, kv0 + range_heads);
+        if (kv0 >= kv1) continue;
+        const int64_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk) - first_chunk.begin() - 1;
+        const int64_t k0 = first_key[i] + (chunk - first_chunk[i]) * attention::kKeyChunk;
+        const int64_t k1 = std::min(lens_p[i], k0 + attention::kKeyChunk);
+        attention::attend_chunk<T>(qkv_p + i * row, cache_p, keys_p + i * width + k0, k1 - k0, kv0, kv1, group, KV,
+                                   D, scale, tile.data(), state_p + chunk * H * (D + 2));
       }
     });
+  });
+  // Each query head's chunks, merged in order (a few per head: spread over threads only for many heads).
+  tcq::parallel_pieces(n * H, 16, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / H, h = t % H;
+      attention::merge_chunks(state_p + (first_chunk[i] * H + h) * (D + 2), first_chunk[i + 1] - first_chunk[i],
+                              H * (D + 2), D, attn_p + t * D);
+    }
   });
   x = x + linear(attn, o_l, s);
 

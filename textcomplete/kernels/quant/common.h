@@ -7,6 +7,7 @@
 // dot_int8, which multiplies one block by rows of 8-bit x straight from its bytes (narrow products).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
