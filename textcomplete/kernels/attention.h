@@ -29,39 +29,17 @@ constexpr float kNegligible = 1e-30f;
 // exp(x) for x <= 0, in lanes: x = n ln 2 + r with |r| <= ln 2 / 2, exp(r) by a degree-7 polynomial (the
 // coefficients of Cephes' expf), times 2^n made in the exponent bits. x is clamped at -87, where exp is still
 // a normal float: the weights that small are dropped anyway (kNegligible). Within 2 ulp of std::exp.
-#if defined(TCQ_AVX512)
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-#elif defined(TCQ_AVX2)
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+#ifdef TCQ_VECTOR
+inline tcq::Vec exp_nonpositive(tcq::Vec x) {
+  using namespace tcq;
+  x = vec_max(x, vec_set1(-87.f));
+  const Vec n = vec_round(vec_mul(x, vec_set1(1.44269504088896341f)));
+  const Vec r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), vec_fnmadd(n, vec_set1(0.693359375f), x));
+  Vec y = vec_set1(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = vec_fmadd(y, r, vec_set1(c));
+  y = vec_add(vec_fmadd(y, vec_mul(r, r), r), vec_set1(1.f));
+  return vec_mul(y, vec_pow2(n));
 }
 #endif
 
@@ -74,15 +52,8 @@ inline float tile_weights(const float* scores, float top, float* p) {
   const tcq::Vec shift = tcq::vec_set1(top), floor = tcq::vec_set1(kNegligible);
   tcq::Vec total = tcq::vec_zero();
   for (int64_t t = 0; t < kKeyTile; t += tcq::kLanes) {
-#if defined(TCQ_AVX512)
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), shift));
-    const __m512 w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, floor, _CMP_GE_OQ), e);
-    total = _mm512_add_ps(total, w);
-#else
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
-    const __m256 w = _mm256_and_ps(e, _mm256_cmp_ps(e, floor, _CMP_GE_OQ));
-    total = _mm256_add_ps(total, w);
-#endif
+    const tcq::Vec w = tcq::vec_zero_below(exp_nonpositive(tcq::vec_sub(tcq::vec_load(scores + t), shift)), floor);
+    total = tcq::vec_add(total, w);
     tcq::vec_store(p + t, w);
   }
   return tcq::vec_sum(total);
@@ -178,12 +149,12 @@ inline void tile_values(const float* p, const float* values, int64_t count, int6
   int64_t d = 0;
 #ifdef TCQ_VECTOR
   constexpr int64_t kBlock = 4 * tcq::kLanes;   // four vectors of o stay in registers over the tile
-  const tcq::Vec r = tcq::vec_set1(rescale), zero = tcq::vec_zero();
+  const tcq::Vec r = tcq::vec_set1(rescale);
   for (; d + kBlock <= dim; d += kBlock) {
-    tcq::Vec a0 = tcq::vec_fmadd(tcq::vec_load(o + d), r, zero);
-    tcq::Vec a1 = tcq::vec_fmadd(tcq::vec_load(o + d + tcq::kLanes), r, zero);
-    tcq::Vec a2 = tcq::vec_fmadd(tcq::vec_load(o + d + 2 * tcq::kLanes), r, zero);
-    tcq::Vec a3 = tcq::vec_fmadd(tcq::vec_load(o + d + 3 * tcq::kLanes), r, zero);
+    tcq::Vec a0 = tcq::vec_mul(tcq::vec_load(o + d), r);
+    tcq::Vec a1 = tcq::vec_mul(tcq::vec_load(o + d + tcq::kLanes), r);
+    tcq::Vec a2 = tcq::vec_mul(tcq::vec_load(o + d + 2 * tcq::kLanes), r);
+    tcq::Vec a3 = tcq::vec_mul(tcq::vec_load(o + d + 3 * tcq::kLanes), r);
     for (int64_t t = 0; t < count; ++t) {
       const tcq::Vec pt = tcq::vec_set1(p[t]);
       const float* v = values + t * dim + d;
@@ -198,7 +169,7 @@ inline void tile_values(const float* p, const float* values, int64_t count, int6
     tcq::vec_store(o + d + 3 * tcq::kLanes, a3);
   }
   for (; d + tcq::kLanes <= dim; d += tcq::kLanes) {
-    tcq::Vec a = tcq::vec_fmadd(tcq::vec_load(o + d), r, zero);
+    tcq::Vec a = tcq::vec_mul(tcq::vec_load(o + d), r);
     for (int64_t t = 0; t < count; ++t) a = tcq::vec_fmadd(tcq::vec_set1(p[t]), tcq::vec_load(values + t * dim + d), a);
     tcq::vec_store(o + d, a);
   }

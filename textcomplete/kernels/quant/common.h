@@ -107,6 +107,16 @@ inline void vec_store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vec_add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vec_sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec vec_sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vec_mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vec_max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vec_fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }   // c - a * b
+inline Vec vec_round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for lanes holding whole numbers n in [-126, 127].
+inline Vec vec_pow2(Vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline Vec vec_zero_below(Vec v, Vec floor) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, floor, _CMP_GE_OQ), v); }
 #elif defined(TCQ_AVX2)
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -123,6 +133,16 @@ inline Vec vec_load(const c10::BFloat16* p) {
 inline void vec_store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vec_add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vec_sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec vec_mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vec_max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vec_fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }   // c - a * b
+inline Vec vec_round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for lanes holding whole numbers n in [-126, 127].
+inline Vec vec_pow2(Vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline Vec vec_zero_below(Vec v, Vec floor) { return _mm256_and_ps(v, _mm256_cmp_ps(v, floor, _CMP_GE_OQ)); }
 inline float vec_sum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
