@@ -206,8 +206,10 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
     import shlex
     from pathlib import Path
 
-    from textcomplete.bench import bench_models, compare, llama_cpp_build, report, workloads
+    from textcomplete.bench import bench_models, compare, llama_cpp_build, report
     chosen = bench_models.parse_models(args.models)
+    if args.rounds < 1:
+        raise SystemExit("--rounds: at least 1")
     binaries = llama_cpp_build.ensure_built()
     docs = Path(args.output).parent
     logs = docs / "bench-logs"
@@ -220,22 +222,14 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
     for model in models:
         tokenizer = _bench_tokenizer(str(model.path))
         tokens = compare.kv_tokens(max(config.concurrency), config)
-        done = {}
         extra = shlex.split(args.serve_args)
-        servers = [("textcomplete", lambda: compare.run_textcomplete(model, config, tokenizer, logs, extra, tokens))]
+        starts = [("textcomplete", compare.textcomplete_command(model, extra, tokens))]
         if args.int8_mode:
-            servers.append(("textcomplete int8", lambda: compare.run_textcomplete(
-                model, config, tokenizer, logs, [*extra, "--activations", "int8"], tokens, "textcomplete int8")))
-        servers.append(("llama-server", lambda: compare.run_llama_server(
-            binaries.server, model, config, tokenizer, logs, tokens)))
-        for name, start in servers:
-            try:
-                done[name] = start()
-            except RuntimeError as exc:   # a server that cannot load this model is reported, not fatal
-                print(f"{name} on {model.label} failed: {str(exc)[-500:]}")
-                skipped.append(f"{name} on {model.label}: {str(exc).splitlines()[0][:200]}")
-                continue
-            print(workloads.format_results(done[name].results))
+            starts.append(("textcomplete int8", compare.textcomplete_command(
+                model, [*extra, "--activations", "int8"], tokens)))
+        starts.append(("llama-server", compare.llama_server_command(
+            binaries.server, model, 0, max(config.concurrency), tokens)))
+        done = compare.compare_servers(starts, model, config, tokenizer, logs, tokens, args.rounds, skipped)
         if done:
             runs.append(compare.ModelRun(model, done, *compare.file_figures(model)))
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
@@ -480,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="With --compare, comma-separated NAME:FORMAT: smollm2-135m:Q4_1 (the shipped file), "
                            "smollm2-1.7b or llama3-8b with Q4_K_M, Q8_0 or F16 (random weights at the real "
                            "shape, written and quantized on first use; default: smollm2-135m:Q4_1).")
+    load.add_argument("--rounds", type=int, default=3,
+                      help="With --compare, how many times each server runs the workloads, the servers taking "
+                           "turns in each round; the report gives each server's median round (default: 3).")
     load.add_argument("--int8-mode", action=argparse.BooleanOptionalAction, default=True,
                       help="With --compare, also run textcomplete with --activations int8 (default: on).")
     load.add_argument("--bench-models-dir", default="~/.cache/textcomplete/bench-models",

@@ -125,3 +125,39 @@ def test_the_report_goes_where_it_is_asked_to(tmp_path):
     path = tmp_path / "one-run" / "report.md"
     assert report.write(path, [], 20.0, ["- env"], "textcomplete bench --compare", WorkloadConfig(), [], []) == path
     assert path.read_text().startswith("# Benchmarks") and not (tmp_path / "one-run" / "benchmarks.md").exists()
+
+
+def _summary(conc: int, tok_s: float, prompt_tok_s: float = 0.0) -> Summary:
+    return Summary("s", conc, 4, 0, 1.0, int(tok_s), int(prompt_tok_s), 0.5, 0.6, 0.02, 0.03)
+
+
+def test_servers_take_turns_in_an_order_rotated_each_round():
+    names = ["textcomplete", "textcomplete int8", "llama-server"]
+    orders = [compare.turns(names, r) for r in range(3)]
+    assert orders[0] == names and sorted(orders[1]) == sorted(names)
+    assert [o[0] for o in orders] == names                      # each server goes first once in three rounds
+    assert compare.turns([], 2) == []
+
+
+def test_each_workload_takes_its_median_round():
+    rounds = [ServerResults("x", single=_summary(1, s), sweep=[_summary(16, c)], prefill=_summary(1, 0, p))
+              for s, c, p in ((50, 300, 900), (40, 500, 700), (45, 100, 800))]
+    middle = compare.median_results(rounds)
+    assert middle.single.output_tokens_per_s == 45          # each workload independently: not one round's set
+    assert middle.sweep[0].output_tokens_per_s == 300
+    assert middle.prefill.prompt_tokens_per_s == 800
+    assert compare.median_results(rounds[:2]).single.output_tokens_per_s == 40   # even count: the lower middle
+    assert compare.median_results([ServerResults("x")]).single is None
+
+
+def test_the_report_lists_every_round_and_its_ratio(tmp_path):
+    def peer(singles):
+        rounds = [ServerResults("x", single=_summary(1, s), prefill=_summary(1, 0, 600)) for s in singles]
+        return compare.PeerRun(compare.median_results(rounds), 1.0, 1024, 2048, 8448, [], rounds)
+    model = bench_models.BenchModel("m Q4_1", tmp_path / "m.gguf", SHAPE_17B, "Q4_1", False)
+    run = compare.ModelRun(model, {report.OURS: peer([90, 110, 100]), report.PEER: peer([100, 100, 125])}, 1, 1)
+    lines = "\n".join(report.round_lines(run))
+    assert "textcomplete 90.0, 110.0, 100.0" in lines and "0.90x, 1.10x, 0.80x" in lines
+    assert report.Figures.of(run.runs[report.OURS]).single_tok_s == 100
+    one = compare.ModelRun(model, {report.OURS: peer([90]), report.PEER: peer([100])}, 1, 1)
+    assert report.round_lines(one) == []

@@ -1,8 +1,9 @@
 """Side-by-side comparison with llama.cpp's own server (`llama-server`) on the same GGUF files, on one machine.
 
-For each model x format, starts each server in turn (never both at once: they would share the two cores) with
-the same threads and the same KV-cache capacity in tokens, records its load time and peak resident memory, and
-runs the same workloads against each; `report` turns the runs into `docs/benchmarks.md`.
+For each model x format, starts each server in turn with the same threads and the same KV-cache capacity in
+tokens and records its load time and peak resident memory; then runs the same workloads against each, in
+rounds in which the servers take turns (never two at once: they would share the cores), and keeps each
+server's median round; `report` turns the runs into `docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from textcomplete.bench.bench_models import BenchModel, ModelShape
 from textcomplete.bench.loadgen import LoadGenerator, Summary
-from textcomplete.bench.workloads import ServerResults, WorkloadConfig, run
+from textcomplete.bench.workloads import ServerResults, WorkloadConfig, format_results, run
 
 COMPARE_WORKLOADS = ("single", "sweep", "prefill")
 THREADS = 2
@@ -101,6 +102,7 @@ class PeerRun:
     rss_peak_kib: int        # VmHWM after the workloads
     kv_tokens: int
     command: list[str]
+    rounds: list[ServerResults] = field(default_factory=list)   # each round's figures; `results` is their median
 
 
 @dataclass
@@ -134,13 +136,12 @@ def serve_itemsize(extra: list[str]) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
-def run_textcomplete(model: BenchModel, config: WorkloadConfig, tokenizer, logs: Path, extra: list[str],
-                     tokens: int, name: str = "textcomplete") -> PeerRun:
+def textcomplete_command(model: BenchModel, extra: list[str], tokens: int) -> list[str]:
+    """textcomplete serve on `THREADS` threads with exactly `tokens` KV slots (port 0: filled in at start)."""
     memory = textcomplete_kv_memory(model.shape, tokens, serve_itemsize(extra))
-    cmd = [sys.executable, "-m", "textcomplete.cli", "--log-level", "info", "serve", "--model", str(model.path),
-           "--served-model-name", model.label, "--port", "0", "--threads", str(THREADS), "--kv-cache-memory", str(memory),
-           *extra]
-    return _run_server(name, cmd, "/health", model, config, tokenizer, logs, tokens)
+    return [sys.executable, "-m", "textcomplete.cli", "--log-level", "info", "serve", "--model", str(model.path),
+            "--served-model-name", model.label, "--port", "0", "--threads", str(THREADS),
+            "--kv-cache-memory", str(memory), *extra]
 
 
 def llama_server_command(binary: Path, model: BenchModel, port: int, concurrency: int, tokens: int) -> list[str]:
@@ -154,28 +155,93 @@ def llama_server_command(binary: Path, model: BenchModel, port: int, concurrency
             "--host", "127.0.0.1", "--port", str(port)]
 
 
-def run_llama_server(binary: Path, model: BenchModel, config: WorkloadConfig, tokenizer, logs: Path,
-                     tokens: int) -> PeerRun:
-    cmd = llama_server_command(binary, model, 0, max(config.concurrency), tokens)
-    return _run_server("llama-server", cmd, "/health", model, config, tokenizer, logs, tokens)
+@dataclass
+class RunningServer:
+    """A server that is up: its process, how it was started, and its memory once healthy."""
+    name: str
+    process: ServerProcess
+    command: list[str]
+    rss_loaded_kib: int
+    gen: LoadGenerator
 
 
-def _run_server(name: str, cmd: list[str], ready: str, model: BenchModel, config: WorkloadConfig, tokenizer,
-                logs: Path, tokens: int) -> PeerRun:
+def start_server(name: str, cmd: list[str], model: BenchModel, logs: Path) -> RunningServer:
+    """Starts `cmd` on a free port, waits until /health answers, and sends one warm-up request."""
     port = _free_port()
     cmd = [str(port) if i and cmd[i - 1] == "--port" else part for i, part in enumerate(cmd)]
     log = logs / f"{name}-{model.label}.log".replace(' ', '-')
     print(f"starting {name} on {model.label}: {' '.join(cmd)}")
-    server = ServerProcess(cmd, port, ready, log)
+    server = ServerProcess(cmd, port, "/health", log)
+    loaded = server.peak_rss_kib()
+    print(f"{name}: healthy after {server.load_seconds:.1f} s, peak RSS {loaded / 1024:.0f} MiB")
+    gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", model.label)
     try:
-        loaded = server.peak_rss_kib()
-        print(f"{name}: healthy after {server.load_seconds:.1f} s, peak RSS {loaded / 1024:.0f} MiB")
-        gen = LoadGenerator(f"http://127.0.0.1:{port}/v1", model.label)
         warm_up(gen)
-        results = run(gen, tokenizer, config, name, workloads=COMPARE_WORKLOADS)
-        return PeerRun(results, server.load_seconds, loaded, server.peak_rss_kib(), tokens, cmd)
-    finally:
+    except BaseException:
         server.stop()
+        raise
+    return RunningServer(name, server, cmd, loaded, gen)
+
+
+def turns(names: list[str], round_index: int) -> list[str]:
+    """The order the servers take their turns in a round: rotated each round, so no server is always first
+    (or always right after another one) when the machine's speed drifts."""
+    k = round_index % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def median_results(rounds: list[ServerResults]) -> ServerResults:
+    """One server's figures over its rounds: for each workload (and each sweep level), the round whose
+    throughput is the median (the lower of the middle two for an even count)."""
+    def middle(summaries: list[Summary], key) -> Summary | None:
+        ranked = sorted((s for s in summaries if s is not None), key=key)
+        return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+    def output(s: Summary) -> float:
+        return s.output_tokens_per_s
+
+    def prompt(s: Summary) -> float:
+        return s.prompt_tokens_per_s
+
+    levels = sorted({s.concurrency for r in rounds for s in r.sweep})
+    return ServerResults(
+        rounds[0].name if rounds else "", single=middle([r.single for r in rounds], output),
+        sweep=[middle([level(r, c) for r in rounds], output) for c in levels],
+        scoring=middle([r.scoring for r in rounds], prompt),
+        shared_prefix=middle([r.shared_prefix for r in rounds], output),
+        prefill=middle([r.prefill for r in rounds], prompt))
+
+
+def compare_servers(starts: list[tuple[str, list[str]]], model: BenchModel, config: WorkloadConfig, tokenizer,
+                    logs: Path, tokens: int, rounds: int, skipped: list[str]) -> dict[str, PeerRun]:
+    """Starts every server (one at a time, so each load is timed alone), then runs the workloads `rounds`
+    times, the servers taking turns within each round. Only the server whose turn it is gets requests; the
+    others sit idle, so a slow minute of a shared machine lands on all of them rather than on one.
+
+    A server that cannot start is reported in `skipped` and left out; the rest are stopped at the end.
+    """
+    running: list[RunningServer] = []
+    per_round: dict[str, list[ServerResults]] = {}
+    try:
+        for name, cmd in starts:
+            try:
+                running.append(start_server(name, cmd, model, logs))
+            except RuntimeError as exc:   # a server that cannot load this model is reported, not fatal
+                print(f"{name} on {model.label} failed: {str(exc)[-500:]}")
+                skipped.append(f"{name} on {model.label}: {str(exc).splitlines()[0][:200]}")
+        by_name = {s.name: s for s in running}
+        for r in range(rounds):
+            for name in turns(list(by_name), r):
+                server = by_name[name]
+                results = run(server.gen, tokenizer, config, name, workloads=COMPARE_WORKLOADS, seed=r)
+                print(f"round {r + 1}/{rounds}, {name}:\n{format_results(results)}")
+                per_round.setdefault(name, []).append(results)
+        return {s.name: PeerRun(median_results(per_round[s.name]), s.process.load_seconds, s.rss_loaded_kib,
+                                s.process.peak_rss_kib(), tokens, s.command, per_round[s.name])
+                for s in running}
+    finally:
+        for server in running:
+            server.process.stop()
 
 
 def warm_up(gen: LoadGenerator) -> None:
@@ -242,7 +308,7 @@ def environment_lines(llama_version: str, commit: str) -> list[str]:
             f"- Python {platform.python_version()}, torch {torch.__version__}; textcomplete at {commit}",
             f"- llama-server built from the llama.cpp vendored in llama-cpp-python {llama_version} "
             f"(CMake Release, GGML_NATIVE=ON)",
-            f"- both servers on {THREADS} threads, one after the other; load average when the report was written "
+            f"- every server on {THREADS} threads, loaded side by side and measured in turns; load average when the report was written "
             f"{os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min): anything else running on the "
             "two cores slows both servers"]
 

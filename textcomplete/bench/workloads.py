@@ -69,8 +69,9 @@ ALL_WORKLOADS = ("single", "sweep", "scoring", "shared_prefix", "prefill")
 
 
 async def run_all(gen: LoadGenerator, tokenizer: Tokenizer, config: WorkloadConfig, name: str,
-                  workloads: tuple[str, ...] = ALL_WORKLOADS) -> ServerResults:
-    prompts = PromptMaker(tokenizer)
+                  workloads: tuple[str, ...] = ALL_WORKLOADS, seed: int = 0) -> ServerResults:
+    """Every chosen workload in turn; `seed` picks the prompts (a new seed: prompts no cache has seen)."""
+    prompts = PromptMaker(tokenizer, seed)
     bias = eos_bias(tokenizer)
     out = ServerResults(name)
 
