@@ -8,6 +8,7 @@ source distribution on PyPI, downloaded once into the cache (TEXTCOMPLETE_CACHE,
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from textcomplete.api.text import ChoiceText, stable_prefix
 from textcomplete.models.gguf_file import read_layout
 from textcomplete.tokenizer import Tokenizer
 
@@ -95,3 +97,37 @@ def test_sentencepiece_begins_with_bos_and_keeps_special_tokens_whole(vocab_dir)
     assert ids[0] == metadata["tokenizer.ggml.bos_token_id"]
     assert metadata["tokenizer.ggml.eos_token_id"] in ids     # the special token, not its characters
     assert tokenizer.decode(tokenizer.encode("\n\n<0x0A> x", add_special_tokens=False)) == "\n\n<0x0A> x"
+
+
+def _reference_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """What a choice's text must be after each token: every token decoded at once, without a trailing
+    unfinished character, never shorter than before."""
+    texts, text = [], ""
+    for end in range(1, len(ids) + 1):
+        decoded = stable_prefix(tokenizer.decode(ids[:end], skip_special_tokens=True))
+        text = decoded if len(decoded) >= len(text) else text
+        texts.append(text)
+    return texts
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-spm", "phi-3", "qwen2"])
+def test_windowed_detokenizing_equals_decoding_every_token_at_once(vocab_dir, name):
+    """ChoiceText decodes a few tokens a step; after every token its text is the whole decode's, on the
+    vectors' multilingual texts (multi-byte characters split over tokens) and on random ids (byte tokens that
+    never finish a character, special tokens that are skipped)."""
+    metadata, _ = read_layout(vocab_dir / f"ggml-vocab-{name}.gguf")
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    rng = random.Random(name)
+    texts = [text for text, _ in cases(vocab_dir, name)]
+    sequences = [tokenizer.encode("".join(texts)[:3000], add_special_tokens=False)]
+    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(300)] for _ in range(3)]
+    for ids in sequences:
+        choice = ChoiceText(tokenizer, [])
+        got = []
+        for token in ids:
+            choice.add([token])
+            got.append(choice.text)
+        want = _reference_texts(tokenizer, ids)
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        assert first is None, f"after token {first}: {got[first][-40:]!r} != {want[first][-40:]!r}"
+        assert choice.token_starts == [0] + [len(t) for t in want[:-1]]

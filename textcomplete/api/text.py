@@ -29,7 +29,17 @@ def overlap_with_stop_prefix(text: str, stops: list[str]) -> int:
 
 
 class ChoiceText:
-    """The generated tokens of one choice and the text they decode to."""
+    """The generated tokens of one choice and the text they decode to.
+
+    Each new token decodes only a short window of the latest tokens, not the whole choice again: the window's
+    text past that of its first tokens (up to `CONTEXT` tokens whose text is final) is what the new tokens
+    add. A decoder may treat a sequence's first token specially (a leading space), so both texts start at the
+    same token; a window whose start text holds U+FFFD may begin inside a character (a run of byte tokens is
+    decoded as a whole), so such a window starts at the first token. The text is that of decoding every token
+    at once, up to a trailing unfinished character.
+    """
+
+    CONTEXT = 4   # tokens of earlier text at the start of each window
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
         self.tokenizer = tokenizer
@@ -39,6 +49,8 @@ class ChoiceText:
         self.text = ""                      # stable decoded text so far (never shrinks)
         self.stopped_at: int | None = None  # where a stop sequence begins, once one is seen
         self._searched = 0
+        self._read = 0        # tokens whose text is final: self.text[:self._read_chars] and never redecoded
+        self._read_chars = 0
 
     def add(self, token_ids: tuple[int, ...] | list[int]) -> None:
         for token in token_ids:
@@ -46,10 +58,24 @@ class ChoiceText:
                 return
             self.token_starts.append(len(self.text))
             self.token_ids.append(token)
-            decoded = stable_prefix(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
-            if len(decoded) >= len(self.text):
-                self.text = decoded
+            self._decode_window()
             self._find_stop()
+
+    def _decode_window(self) -> None:
+        start = max(0, self._read - self.CONTEXT)
+        head = self.tokenizer.decode(self.token_ids[start:self._read], skip_special_tokens=True)
+        if REPLACEMENT in head and start > 0:   # the window may begin inside a character: begin at the start
+            start, head = 0, self.tokenizer.decode(self.token_ids[:self._read], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.token_ids[start:], skip_special_tokens=True)
+        if window.startswith(head):
+            text = self.text[:self._read_chars] + stable_prefix(window[len(head):])
+        else:   # the new tokens changed earlier text (a run of byte tokens that is not yet valid UTF-8)
+            window = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            text = stable_prefix(window)
+        if len(text) >= len(self.text):
+            self.text = text
+        if not window.endswith(REPLACEMENT) and self.text == text:   # every character finished: final
+            self._read, self._read_chars = len(self.token_ids), len(self.text)
 
     def _find_stop(self) -> None:
         if not self.stops:
