@@ -386,6 +386,23 @@ inline void transpose8(__m256i* r) {
 }
 #endif
 
+#if defined(TCQ_AVX512)
+// kLanes rows of kLanes floats (rows `r[i]`) transposed in place: r[j] then holds lane j of every row.
+inline void transpose_lanes(Vec* r) {
+  __m512i in[16], out[16];
+  for (int i = 0; i < 16; ++i) in[i] = _mm512_castps_si512(r[i]);
+  transpose16(in, out);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(out[i]);
+}
+#elif defined(TCQ_AVX2)
+inline void transpose_lanes(Vec* r) {
+  __m256i v[8];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_castps_si256(r[i]);
+  transpose8(v);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_castsi256_ps(v[i]);
+}
+#endif
+
 #ifdef TCQ_VECTOR
 // Hands the kBlock / kLanes vectors of the block at b to sink(std::integral_constant<int, i>{}, vector i), in
 // the order its decoder makes them: as F::decode_each makes them where the format has one (a decoder whose

@@ -7,8 +7,9 @@
 //    with a dot_float (the K formats, Q4_0 and Q4_1 on AVX2), its codes are multiplied by x and each group's scale is
 //    taken once per group sum, the offsets from x's group sums (most read x reordered by their prepare_x).
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
-//    float32 scratch and multiplied by all of x, on AVX-512 in a micro-kernel of our own (gemm.h), elsewhere
-//    with ATen's matmul run single-threaded inside the parallel loop; each tile writes its own columns of y.
+//    float32 scratch and multiplied by all of x, in a micro-kernel of our own (gemm.h) on AVX-512 and on AVX2
+//    up to 256 rows of x, elsewhere with ATen's matmul run single-threaded inside the parallel loop; each tile
+//    writes its own columns of y.
 //  - with `int8`, x is quantized to 8 bits instead (int8.h): wide products of every format with integer
 //    codes take tiles of them, narrow ones of the formats with an in-register kernel (F::dot_int8) read the
 //    blocks directly, like the float32 direct path.
@@ -541,7 +542,7 @@ int64_t tile_cols(int64_t k) {
   return std::min(k, std::max<int64_t>(F::kBlock, kTileCols / F::kBlock * F::kBlock));
 }
 
-#ifdef TCQ_AVX512
+#ifdef TCQ_VECTOR
 // The decoded rows' stride in the micro-kernel's panel: a K-chunk and a cache line more, so that its 12 rows
 // do not fall in the same few L1 sets.
 constexpr int64_t kGemmLdw = kTileCols + 16;
@@ -553,11 +554,11 @@ constexpr int64_t kGemmXtBytes = 256 << 10;
 // fewer weight rows.
 constexpr int64_t kGemmOutBytes = 512 << 10;
 
-// The tiled path on AVX-512 (gemm.h): x transposed once, then each thread decodes tiles of weight rows a
+// The tiled path with the micro-kernel (gemm.h): x transposed once, then each thread decodes tiles of weight rows a
 // K-chunk at a time and multiplies them by xt in the micro-kernel, its output transposed into y per tile.
 template <class F>
 void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
-  const int64_t m = x.size(0), mp = (m + 15) / 16 * 16;
+  const int64_t m = x.size(0), mp = padded_rows(m);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const at::Tensor transposed = at::empty({k, mp}, x.options());
@@ -591,9 +592,10 @@ void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, in
 }
 #endif
 
-// Tiled path: tiled_fma on AVX-512; elsewhere (and with `portable`) each thread decodes tiles of weight rows
-// (a K-chunk at a time) into its own float32 scratch and multiplies all of x by them with ATen's matmul,
-// single-threaded inside the parallel loop, accumulating into the tile's columns of y. F32 weights are
+// Tiled path: tiled_fma where gemm.h has a micro-kernel for this many rows of x; elsewhere (and with
+// `portable`) each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32 scratch and
+// multiplies all of x by them with ATen's matmul, single-threaded inside the parallel loop, accumulating into
+// the tile's columns of y. F32 weights are
 // multiplied in place by one multi-threaded call.
 template <class F>
 void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
@@ -605,8 +607,8 @@ void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_
       return;
     }
   }
-#ifdef TCQ_AVX512
-  if (!portable) return tiled_fma<F>(x, w, ldw, n, k, y);
+#ifdef TCQ_VECTOR
+  if (!portable && x.size(0) <= kGemmMaxRows) return tiled_fma<F>(x, w, ldw, n, k, y);
 #endif
   const int64_t rows = tile_rows(n), cols = tile_cols<F>(k);
   // Inference mode is per thread: the pool's threads take the caller's, or ATen refuses to write into an
