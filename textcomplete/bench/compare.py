@@ -308,9 +308,9 @@ def environment_lines(llama_version: str, commit: str) -> list[str]:
             f"- Python {platform.python_version()}, torch {torch.__version__}; textcomplete at {commit}",
             f"- llama-server built from the llama.cpp vendored in llama-cpp-python {llama_version} "
             f"(CMake Release, GGML_NATIVE=ON)",
-            f"- every server on {THREADS} threads, loaded side by side and measured in turns; load average when the report was written "
-            f"{os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min): anything else running on the "
-            "two cores slows both servers"]
+            f"- every server on {THREADS} threads, loaded side by side and measured in turns; load average when "
+            f"the report was written {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min): anything "
+            "else running on the two cores slows every server"]
 
 
 def git_commit(repo: Path) -> str:
