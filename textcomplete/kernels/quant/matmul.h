@@ -470,7 +470,7 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
   // native layers from 13.2 to 8.1 ms a token against 2^20 (one thread for every matrix); 2^14 and 2^17 are
   // slower again.
   const int64_t grain = std::max<int64_t>(kDirectGrain, (kParallelValues + k - 1) / k);
-  parallel_pieces(n, piece_size(n, kPassRows), grain, [&](int64_t n0, int64_t n1) {
+  parallel_pieces(n, kPassRows, grain, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
       if (lo >= hi) continue;
@@ -563,7 +563,7 @@ void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, in
   float* yp = y.data_ptr<float>();
   const at::Tensor transposed = at::empty({k, mp}, x.options());
   float* xt = transposed.data_ptr<float>();
-  parallel_pieces(k, piece_size(k, 16, 2), 1024, [&](int64_t k0, int64_t k1) { transpose_x(xp, m, k, mp, xt, k0, k1); });
+  parallel_pieces(k, 16, 1024, [&](int64_t k0, int64_t k1) { transpose_x(xp, m, k, mp, xt, k0, k1); });
   const int64_t rows = std::max<int64_t>(16, std::min(tile_rows(n), kGemmOutBytes / (mp * 4) / 16 * 16));
   const int64_t cols = std::min(tile_cols<F>(k), std::max<int64_t>(F::kBlock, kGemmXtBytes / (mp * 4) / F::kBlock * F::kBlock));
   parallel_pieces((n + rows - 1) / rows, 1, 1, [&](int64_t t0, int64_t t1) {
