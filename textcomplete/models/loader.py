@@ -8,6 +8,7 @@ shipped on PyPI.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -237,7 +238,7 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
     any other module that receives one gets its float values.
     """
     cls = model_class(architecture)
-    with torch.device("meta"):
+    with torch.device("meta"), _initializers_skipped():
         model = cls(config)
     expected = dict(model.named_parameters())
     state: dict[str, torch.Tensor | StoredTensor] = {}
@@ -262,6 +263,23 @@ def build_model(architecture: str, config: dict, tensors: Iterator[tuple[str, to
     model.load_state_dict(state, strict=True, assign=True)
     model.fuse()
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """torch.nn.init's initializers as no-ops while a model is constructed to be loaded: every parameter is then
+    replaced by a checkpoint tensor (a strict load), so their values are never read. On the meta device,
+    nn.Embedding's normal_ runs through PyTorch's reference decompositions, whose first use imports torch._dynamo
+    with sympy: about 800 modules and 70 MiB of resident memory, for nothing."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, initializer in saved.items():
+            setattr(nn.init, name, initializer)
 
 
 def _adopt_stored(model: nn.Module, state: dict[str, torch.Tensor | StoredTensor], dtype: torch.dtype,
