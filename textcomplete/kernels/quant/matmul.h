@@ -543,8 +543,8 @@ int64_t tile_cols(int64_t k) {
 }
 
 #ifdef TCQ_VECTOR
-// The decoded rows' stride in the micro-kernel's panel: a K-chunk and a cache line more, so that its 12 rows
-// do not fall in the same few L1 sets.
+// The decoded rows' stride in the micro-kernel's panel: a K-chunk and a cache line more, so that its
+// kGemmRows rows do not fall in the same few L1 sets.
 constexpr int64_t kGemmLdw = kTileCols + 16;
 // A K-chunk of transposed x (cols x mp floats), which every panel of a tile reads again, stays within this
 // many bytes: x with many rows gets shorter K-chunks. Measured at 512 x 2048 x 8192: 66.7-67.0 ms against
@@ -595,8 +595,7 @@ void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, in
 // Tiled path: tiled_fma where gemm.h has a micro-kernel for this many rows of x; elsewhere (and with
 // `portable`) each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32 scratch and
 // multiplies all of x by them with ATen's matmul, single-threaded inside the parallel loop, accumulating into
-// the tile's columns of y. F32 weights are
-// multiplied in place by one multi-threaded call.
+// the tile's columns of y. F32 weights are multiplied in place by one multi-threaded call.
 template <class F>
 void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
   if constexpr (std::is_same_v<F, F32>) {
