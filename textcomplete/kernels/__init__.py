@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 SANITIZE_ENV = "TEXTCOMPLETE_SANITIZE"
 _SOURCE = Path(__file__).with_name("decode.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# Hidden visibility: only the module's init function is exported (pybind11 marks it), so calls between the
+# module's own functions are direct, not through the PLT as calls to symbols another library could replace.
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fvisibility=hidden"]
 _OPENMP = ["-fopenmp"]   # links the OpenMP runtime torch has already loaded (same soname)
 # Instruction sets a module can be built for, beyond the building CPU's own ("native"): the flags that take
 # -march=native down to each.
