@@ -45,18 +45,21 @@ struct Q6_K {
 #ifdef TCQ_VECTOR
   // The unsigned six-bit codes in value order, 32 a vector: v[v'] holds values 32v'..32v' + 31.
   static void code_vectors(const uint8_t* b, __m256i* v) {
-    const __m256i nibble = _mm256_set1_epi8(15), low_two = _mm256_set1_epi8(3);
+    const __m256i nibble = _mm256_set1_epi8(15), top_two = _mm256_set1_epi8(0x30);
     for (int h = 0; h < 2; ++h) {
       const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
       const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
-      auto top = [&](int shift) {   // bits shift, shift + 1 of each byte of qh at bits 4, 5
-        return _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift)), low_two), 4);
-      };
-      v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, nibble), top(0));
-      v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, nibble), top(2));
-      v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble), top(4));
-      v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble), top(6));
+      // Bits 2t, 2t + 1 of each byte of qh moved to bits 4, 5 by one shift of the 16-bit lanes and kept by the
+      // mask, which drops whatever the shift carried across from the lane's other byte.
+      const __m256i top0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), top_two);
+      const __m256i top1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), top_two);
+      const __m256i top2 = _mm256_and_si256(qh, top_two);
+      const __m256i top3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), top_two);
+      v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, nibble), top0);
+      v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, nibble), top1);
+      v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble), top2);
+      v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble), top3);
     }
   }
 #endif
