@@ -102,12 +102,13 @@ def test_native_kernels_match_the_oracle(each_build, name):
 def test_tiled_products_of_many_rows_match_the_oracle(each_build, name):
     """x with many rows (a long prompt's prefill chunk, and more): the tiled path then takes fewer weight rows
     a tile and shorter K-chunks, so that its transposed output and x stay in cache; rows past a multiple of
-    the vector width are padding that must not reach y. On AVX2, 200 rows take the micro-kernel and the
-    others BLAS tiles."""
+    the vector width are padding that must not reach y. On AVX2, 130 and 200 rows take the micro-kernel and the
+    others BLAS tiles; 130 rows end in a vector of 2 real rows, which row_block multiplies over several
+    K-chunks."""
     fmt = by_name(name)
     k = odd_ks(fmt)[0]
     raw = torch.from_numpy(random_blocks(fmt, 300, k, seed=5))
-    for m in (200, 520, 1100):
+    for m in (130, 200, 520, 1100):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         oracle = Oracle(x, raw, fmt, k)
         for portable in (False, True):

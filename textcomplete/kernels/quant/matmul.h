@@ -585,7 +585,7 @@ void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, in
         if (k0 + width < k) {
           prefetch_rows(chunk + row_bytes<F>(width), count, row_bytes<F>(std::min(cols, k - k0 - width)), ldw);
         }
-        gemm_tile<kGemmLdw>(count, xt, k, mp, k0, width, out.data(), k0 > 0, decoded.data(),
+        gemm_tile<kGemmLdw>(count, xp, m, xt, k, mp, k0, width, out.data(), k0 > 0, decoded.data(),
                             [&](int64_t j, int nr, float* panel) {
                               for (int r = 0; r < nr; ++r) {
                                 decode_row<F>(chunk + (j + r) * ldw, width, panel + r * kGemmLdw, false);
