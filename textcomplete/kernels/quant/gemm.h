@@ -93,17 +93,26 @@ inline void gemm_block(const float* w, const float* xt, int64_t ldx, int64_t kc,
   unroll<NR>([&](auto j) { unroll<H>([&](auto h) { vec_store(c + j * ldc + kLanes * h, acc[j][h]); }); });
 }
 
+// fn(std::integral_constant<int, a>, std::integral_constant<int, b>) for 1 <= a <= A and 1 <= b <= B: a block
+// of sizes known only at run time, run by its instantiation for those sizes.
+template <int A, int B, class Fn>
+inline void with_sizes(int a, int b, Fn&& fn) {
+  unroll<A>([&](auto i) {
+    constexpr int first = decltype(i)::value + 1;
+    if (first != a) return;
+    unroll<B>([&](auto j) {
+      constexpr int second = decltype(j)::value + 1;
+      if (second == b) fn(std::integral_constant<int, first>{}, std::integral_constant<int, second>{});
+    });
+  });
+}
+
 // gemm_block for any nr <= kGemmRows and h <= kGemmVecs.
 template <int64_t Ldw>
 inline void gemm_block_any(int nr, int h, const float* w, const float* xt, int64_t ldx, int64_t kc, float* c,
                            int64_t ldc, bool accumulate) {
-  unroll<kGemmRows>([&](auto j) {
-    constexpr int rows = decltype(j)::value + 1;
-    if (rows != nr) return;
-    unroll<kGemmVecs>([&](auto i) {
-      constexpr int vecs = decltype(i)::value + 1;
-      if (vecs == h) gemm_block<rows, vecs, Ldw>(w, xt, ldx, kc, c, ldc, accumulate);
-    });
+  with_sizes<kGemmRows, kGemmVecs>(nr, h, [&](auto rows, auto vecs) {
+    gemm_block<decltype(rows)::value, decltype(vecs)::value, Ldw>(w, xt, ldx, kc, c, ldc, accumulate);
   });
 }
 
@@ -149,13 +158,8 @@ constexpr int64_t kRowBlockTail = 4;
 template <int64_t Ldw>
 inline void row_block_any(int nr, int t, const float* w, const float* x, int64_t ldx, int64_t kc, float* c,
                           int64_t ldc, bool accumulate) {
-  unroll<kGemmRows>([&](auto j) {
-    constexpr int rows = decltype(j)::value + 1;
-    if (rows != nr) return;
-    unroll<kRowBlockRows>([&](auto i) {
-      constexpr int count = decltype(i)::value + 1;
-      if (count == t) row_block<rows, count, Ldw>(w, x, ldx, kc, c, ldc, accumulate);
-    });
+  with_sizes<kGemmRows, kRowBlockRows>(nr, t, [&](auto rows, auto count) {
+    row_block<decltype(rows)::value, decltype(count)::value, Ldw>(w, x, ldx, kc, c, ldc, accumulate);
   });
 }
 
