@@ -63,12 +63,20 @@ def test_float32_native_decode_matches_pytorch_layers(tiny_model_dir, kernels, n
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
-def test_long_prompts_decode_natively_as_pytorch_does(tiny_model_dir, kernels, native_calls, kv_cache_dtype):
-    """Keys in several of the native attention's chunks and tiles, the last ones partly filled."""
+@pytest.mark.parametrize("kv_cache_dtype,kv_heads", [("float32", 2), ("float16", 2), ("float16", 4), ("bfloat16", 4)])
+def test_long_prompts_decode_natively_as_pytorch_does(tiny_model_dir, tmp_path, kernels, native_calls,
+                                                      kv_cache_dtype, kv_heads):
+    """Keys in several of the native attention's chunks and tiles, the last ones partly filled. With two query
+    heads a KV head, a 16-bit cache is read through a float32 tile; with one, and a float32 cache, as stored."""
+    directory = tiny_model_dir("llama")
+    if kv_heads != 2:
+        from tests.tiny_models import make_tiny_model
+        directory = make_tiny_model("llama", tmp_path / "mha", hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                    rms_norm_eps=1e-5, tie_word_embeddings=False)
     prompts = random_prompts(3, seed=5, low=150, high=340)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
-    engines = [tiny_engine(tiny_model_dir, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype,
+    engines = [tiny_engine(lambda _: directory, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype,
                            native_decode=native) for native in (True, False)]
     (tokens_n, logprobs_n), (tokens_p, logprobs_p) = (_run(e, prompts, params) for e in engines)
     assert native_calls and max(native_calls) == 3

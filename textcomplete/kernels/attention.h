@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace attention {
 
@@ -17,31 +18,14 @@ namespace attention {
 // work when few requests attend). An item leaves, for every query head of its range, the running softmax
 // state of its chunk: the largest score m, the sum l of exp(score - m), and o = the sum of exp(score - m) *
 // value. A request's chunks are then merged in order (merge_chunks). Within an item, keys are read
-// kKeyTile slots at a time: those slots' keys and values of the item's KV heads are few contiguous runs of
-// the cache, read in order, and each KV head's are widened to float32 once into a tile that all the query
-// heads of its group then read.
+// kKeyTile slots at a time, those slots' keys and values of the item's KV heads being few contiguous runs of
+// the cache. Where a KV head serves several query heads and the cache holds 16-bit values, its tile is widened
+// to float32 once for the whole group; otherwise the products read the cache as it is.
 constexpr int64_t kKeyChunk = 64;
 constexpr int64_t kKeyTile = 16;
 // exp(score - m) below this is stored as 0: its share of the sum is below float32's resolution by 20 orders of
 // magnitude, and the subnormal products it would make cost a microcode assist each on x86.
 constexpr float kNegligible = 1e-30f;
-
-// exp(x) for x <= 0, in lanes: x = n ln 2 + r with |r| <= ln 2 / 2, exp(r) by a degree-7 polynomial (the
-// coefficients of Cephes' expf), times 2^n made in the exponent bits. x is clamped at -87, where exp is still
-// a normal float: the weights that small are dropped anyway (kNegligible). Within 2 ulp of std::exp.
-#ifdef TCQ_VECTOR
-inline tcq::Vec exp_nonpositive(tcq::Vec x) {
-  using namespace tcq;
-  x = vec_max(x, vec_set1(-87.f));
-  const Vec n = vec_round(vec_mul(x, vec_set1(1.44269504088896341f)));
-  const Vec r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), vec_fnmadd(n, vec_set1(0.693359375f), x));
-  Vec y = vec_set1(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = vec_fmadd(y, r, vec_set1(c));
-  y = vec_add(vec_fmadd(y, vec_mul(r, r), r), vec_set1(1.f));
-  return vec_mul(y, vec_pow2(n));
-}
-#endif
 
 // p[t] = exp(scores[t] - top) for t < kKeyTile (scores past the tile's keys hold -inf), the negligible ones 0;
 // returns their sum.
@@ -52,7 +36,7 @@ inline float tile_weights(const float* scores, float top, float* p) {
   const tcq::Vec shift = tcq::vec_set1(top), floor = tcq::vec_set1(kNegligible);
   tcq::Vec total = tcq::vec_zero();
   for (int64_t t = 0; t < kKeyTile; t += tcq::kLanes) {
-    const tcq::Vec w = tcq::vec_zero_below(exp_nonpositive(tcq::vec_sub(tcq::vec_load(scores + t), shift)), floor);
+    const tcq::Vec w = tcq::vec_zero_below(tcq::vec_exp_nonpositive(tcq::vec_sub(tcq::vec_load(scores + t), shift)), floor);
     total = tcq::vec_add(total, w);
     tcq::vec_store(p + t, w);
   }
@@ -98,19 +82,20 @@ inline void prefetch_tile(const T* cache, const int64_t* slots, int64_t count, i
   }
 }
 
-// scores[t] = scale * q . keys[t] for t < count (keys: count rows of dim floats).
-inline void tile_scores(const float* q, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
+// scores[t] = scale * q . keys[t] for t < count (keys[t]: a row of dim elements, float32 or 16-bit).
+template <class T>
+inline void tile_scores(const float* q, const T* const* keys, int64_t count, int64_t dim, float scale, float* scores) {
   int64_t t = 0;
 #ifdef TCQ_VECTOR
   if (dim % tcq::kLanes == 0) {
 #if defined(TCQ_AVX2)
     for (; t + 8 <= count; t += 8) {   // eight keys at once, their sums reduced together
-      const float* k = keys + t * dim;
+      const T* const* k = keys + t;
       __m256 a[8];
       for (auto& v : a) v = _mm256_setzero_ps();
       for (int64_t d = 0; d < dim; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * dim + d), a[i]);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, tcq::vec_load(k[i] + d), a[i]);
       }
       const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
       const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -120,14 +105,14 @@ inline void tile_scores(const float* q, const float* keys, int64_t count, int64_
     }
 #endif
     for (; t + 4 <= count; t += 4) {   // four keys at once: four independent sums
-      const float* k = keys + t * dim;
+      const T *k0 = keys[t], *k1 = keys[t + 1], *k2 = keys[t + 2], *k3 = keys[t + 3];
       tcq::Vec a0 = tcq::vec_zero(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < dim; d += tcq::kLanes) {
         const tcq::Vec qv = tcq::vec_load(q + d);
-        a0 = tcq::vec_fmadd(qv, tcq::vec_load(k + d), a0);
-        a1 = tcq::vec_fmadd(qv, tcq::vec_load(k + dim + d), a1);
-        a2 = tcq::vec_fmadd(qv, tcq::vec_load(k + 2 * dim + d), a2);
-        a3 = tcq::vec_fmadd(qv, tcq::vec_load(k + 3 * dim + d), a3);
+        a0 = tcq::vec_fmadd(qv, tcq::vec_load(k0 + d), a0);
+        a1 = tcq::vec_fmadd(qv, tcq::vec_load(k1 + d), a1);
+        a2 = tcq::vec_fmadd(qv, tcq::vec_load(k2 + d), a2);
+        a3 = tcq::vec_fmadd(qv, tcq::vec_load(k3 + d), a3);
       }
       scores[t] = tcq::vec_sum(a0) * scale;
       scores[t + 1] = tcq::vec_sum(a1) * scale;
@@ -137,15 +122,16 @@ inline void tile_scores(const float* q, const float* keys, int64_t count, int64_
   }
 #endif
   for (; t < count; ++t) {
-    const float* k = keys + t * dim;
+    const T* k = keys[t];
     float dot = 0.f;
-    for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+    for (int64_t d = 0; d < dim; ++d) dot += q[d] * static_cast<float>(k[d]);
     scores[t] = dot * scale;
   }
 }
 
-// o[0..dim) = o * rescale + sum over t of p[t] * values[t].
-inline void tile_values(const float* p, const float* values, int64_t count, int64_t dim, float rescale, float* o) {
+// o[0..dim) = o * rescale + sum over t of p[t] * values[t] (values[t]: a row of dim elements).
+template <class T>
+inline void tile_values(const float* p, const T* const* values, int64_t count, int64_t dim, float rescale, float* o) {
   int64_t d = 0;
 #ifdef TCQ_VECTOR
   constexpr int64_t kBlock = 4 * tcq::kLanes;   // four vectors of o stay in registers over the tile
@@ -157,7 +143,7 @@ inline void tile_values(const float* p, const float* values, int64_t count, int6
     tcq::Vec a3 = tcq::vec_mul(tcq::vec_load(o + d + 3 * tcq::kLanes), r);
     for (int64_t t = 0; t < count; ++t) {
       const tcq::Vec pt = tcq::vec_set1(p[t]);
-      const float* v = values + t * dim + d;
+      const T* v = values[t] + d;
       a0 = tcq::vec_fmadd(pt, tcq::vec_load(v), a0);
       a1 = tcq::vec_fmadd(pt, tcq::vec_load(v + tcq::kLanes), a1);
       a2 = tcq::vec_fmadd(pt, tcq::vec_load(v + 2 * tcq::kLanes), a2);
@@ -170,15 +156,31 @@ inline void tile_values(const float* p, const float* values, int64_t count, int6
   }
   for (; d + tcq::kLanes <= dim; d += tcq::kLanes) {
     tcq::Vec a = tcq::vec_mul(tcq::vec_load(o + d), r);
-    for (int64_t t = 0; t < count; ++t) a = tcq::vec_fmadd(tcq::vec_set1(p[t]), tcq::vec_load(values + t * dim + d), a);
+    for (int64_t t = 0; t < count; ++t) a = tcq::vec_fmadd(tcq::vec_set1(p[t]), tcq::vec_load(values[t] + d), a);
     tcq::vec_store(o + d, a);
   }
 #endif
   for (; d < dim; ++d) {
     float a = o[d] * rescale;
-    for (int64_t t = 0; t < count; ++t) a += p[t] * values[t * dim + d];
+    for (int64_t t = 0; t < count; ++t) a += p[t] * static_cast<float>(values[t][d]);
     o[d] = a;
   }
+}
+
+// One query head's chunk state st (m, l, then o) brought up to date with `count` keys and values.
+template <class T>
+inline void attend_tile(const float* q, const T* const* keys, const T* const* values, int64_t count, int64_t dim,
+                        float scale, float* p, float* st) {
+  float scores[kKeyTile];
+  tile_scores(q, keys, count, dim, scale, scores);
+  std::fill(scores + count, scores + kKeyTile, -INFINITY);   // a short last tile's other places: weight 0
+  float top = st[0];
+  for (int64_t t = 0; t < count; ++t) top = std::max(top, scores[t]);
+  const float rescale = st[0] == -INFINITY ? 0.f : std::exp(st[0] - top);
+  const float sum = tile_weights(scores, top, p);
+  st[0] = top;
+  st[1] = st[1] * rescale + sum;
+  tile_values(p, values, count, dim, rescale, st + 2);
 }
 
 // One work item: KV heads [kv0, kv1) of one request over the keys in slots[0..count). q is the request's query
@@ -194,10 +196,19 @@ void attend_chunk(const float* q, const T* cache, const int64_t* slots, int64_t 
     state[h * stride + 1] = 0.f;
     std::fill(state + h * stride + 2, state + (h + 1) * stride, 0.f);
   }
-  float* keys = tile;
-  float* values = tile + kKeyTile * dim;
-  float* p = values + kKeyTile * dim;
-  float scores[kKeyTile];
+  float* wide_keys = tile;
+  float* wide_values = tile + kKeyTile * dim;
+  float* p = wide_values + kKeyTile * dim;
+  // Widening pays only when a group of query heads reads the float32 tile again.
+  const bool widen = group > 1 && !std::is_same_v<T, float>;
+  const float* wide_key_rows[kKeyTile];
+  const float* wide_value_rows[kKeyTile];
+  for (int64_t t = 0; t < kKeyTile; ++t) {
+    wide_key_rows[t] = wide_keys + t * dim;
+    wide_value_rows[t] = wide_values + t * dim;
+  }
+  const T* key_rows[kKeyTile];
+  const T* value_rows[kKeyTile];
   const int64_t key_offset = kv0 * dim, value_offset = (kv_heads + kv0) * dim, run = (kv1 - kv0) * dim;
   prefetch_tile(cache, slots, std::min(kKeyTile, count), slot_stride, key_offset, value_offset, run);
   for (int64_t t0 = 0; t0 < count; t0 += kKeyTile) {
@@ -206,19 +217,18 @@ void attend_chunk(const float* q, const T* cache, const int64_t* slots, int64_t 
       prefetch_tile(cache, slots + t0 + kKeyTile, std::min(kKeyTile, count - t0 - kKeyTile), slot_stride, key_offset,
                     value_offset, run);
     for (int64_t kv = kv0; kv < kv1; ++kv) {
-      widen_tile(cache, slots + t0, c, slot_stride, kv * dim, dim, keys);
-      widen_tile(cache, slots + t0, c, slot_stride, (kv_heads + kv) * dim, dim, values);
-      for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-        float* st = state + h * stride;
-        tile_scores(q + h * dim, keys, c, dim, scale, scores);
-        std::fill(scores + c, scores + kKeyTile, -INFINITY);   // a short last tile's other places: weight 0
-        float top = st[0];
-        for (int64_t t = 0; t < c; ++t) top = std::max(top, scores[t]);
-        const float rescale = st[0] == -INFINITY ? 0.f : std::exp(st[0] - top);
-        const float sum = tile_weights(scores, top, p);
-        st[0] = top;
-        st[1] = st[1] * rescale + sum;
-        tile_values(p, values, c, dim, rescale, st + 2);
+      if (widen) {
+        widen_tile(cache, slots + t0, c, slot_stride, kv * dim, dim, wide_keys);
+        widen_tile(cache, slots + t0, c, slot_stride, (kv_heads + kv) * dim, dim, wide_values);
+        for (int64_t h = kv * group; h < (kv + 1) * group; ++h)
+          attend_tile(q + h * dim, wide_key_rows, wide_value_rows, c, dim, scale, p, state + h * stride);
+      } else {
+        for (int64_t t = 0; t < c; ++t) {
+          key_rows[t] = cache + slots[t0 + t] * slot_stride + kv * dim;
+          value_rows[t] = cache + slots[t0 + t] * slot_stride + (kv_heads + kv) * dim;
+        }
+        for (int64_t h = kv * group; h < (kv + 1) * group; ++h)
+          attend_tile(q + h * dim, key_rows, value_rows, c, dim, scale, p, state + h * stride);
       }
     }
   }

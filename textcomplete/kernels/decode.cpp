@@ -101,6 +101,22 @@ void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t 
   }
 }
 
+// out[j] = silu(g[j]) * u[j] for j < count. silu(g) = g * sigmoid(g), the sigmoid from e = exp(-|g|), which
+// cannot overflow: 1 / (1 + e) where g >= 0, e / (1 + e) where g < 0.
+void silu_mul(const float* g, const float* u, float* out, int64_t count) {
+  int64_t j = 0;
+#ifdef TCQ_VECTOR
+  const tcq::Vec one = tcq::vec_set1(1.f);
+  for (; j + tcq::kLanes <= count; j += tcq::kLanes) {
+    const tcq::Vec gj = tcq::vec_load(g + j);
+    const tcq::Vec e = tcq::vec_exp_nonpositive(tcq::vec_neg_abs(gj));
+    const tcq::Vec sigmoid = tcq::vec_div(tcq::vec_where_negative(gj, one, e), tcq::vec_add(one, e));
+    tcq::vec_store(out + j, tcq::vec_mul(tcq::vec_mul(gj, sigmoid), tcq::vec_load(u + j)));
+  }
+#endif
+  for (; j < count; ++j) out[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+}
+
 // Rotate the first rotary_dim dims of one head in place: x*cos + swap_halves(x)*signed_sin.
 void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   const int64_t half = rot / 2;
@@ -219,12 +235,7 @@ at::Tensor layer(at::Tensor x, const std::vector<at::Tensor>& w, const std::vect
   at::Tensor act = at::empty({n, inter}, x.options());
   const float* gu = gate_up.data_ptr<float>();
   float* a = act.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    const float* g = gu + i * 2 * inter;
-    const float* u = g + inter;
-    float* o = a + i * inter;
-    for (int64_t j = 0; j < inter; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-  }
+  for (int64_t i = 0; i < n; ++i) silu_mul(gu + i * 2 * inter, gu + i * 2 * inter + inter, a + i * inter, inter);
   return x + linear(act, down_l, s);
 }
 

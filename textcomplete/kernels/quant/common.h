@@ -117,6 +117,12 @@ inline Vec vec_pow2(Vec n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
 inline Vec vec_zero_below(Vec v, Vec floor) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, floor, _CMP_GE_OQ), v); }
+inline Vec vec_div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+inline Vec vec_neg_abs(Vec v) { return _mm512_or_ps(v, _mm512_set1_ps(-0.f)); }   // -|v|
+// Lanes of b where v's sign bit is set, else of a.
+inline Vec vec_where_negative(Vec v, Vec a, Vec b) {
+  return _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(_mm512_castps_si512(v), _mm512_setzero_si512()), a, b);
+}
 #elif defined(TCQ_AVX2)
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -143,6 +149,10 @@ inline Vec vec_pow2(Vec n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 inline Vec vec_zero_below(Vec v, Vec floor) { return _mm256_and_ps(v, _mm256_cmp_ps(v, floor, _CMP_GE_OQ)); }
+inline Vec vec_div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec vec_neg_abs(Vec v) { return _mm256_or_ps(v, _mm256_set1_ps(-0.f)); }   // -|v|
+// Lanes of b where v's sign bit is set, else of a.
+inline Vec vec_where_negative(Vec v, Vec a, Vec b) { return _mm256_blendv_ps(a, b, v); }
 inline float vec_sum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -229,6 +239,22 @@ inline __m256i fifth_bits(__m256i bits, int first) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(lanes, _mm256_set1_epi32(first))),
                           _mm256_set1_epi32(16));
+}
+#endif
+
+// exp(x) for x <= 0, in lanes: x = n ln 2 + r with |r| <= ln 2 / 2, exp(r) by a degree-7 polynomial (the
+// coefficients of Cephes' expf), times 2^n made in the exponent bits. x is clamped at -87, where exp (1.6e-38)
+// is still a normal float. Within 2 ulp of std::exp.
+#ifdef TCQ_VECTOR
+inline Vec vec_exp_nonpositive(Vec x) {
+  x = vec_max(x, vec_set1(-87.f));
+  const Vec n = vec_round(vec_mul(x, vec_set1(1.44269504088896341f)));
+  const Vec r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), vec_fnmadd(n, vec_set1(0.693359375f), x));
+  Vec y = vec_set1(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = vec_fmadd(y, r, vec_set1(c));
+  y = vec_add(vec_fmadd(y, vec_mul(r, r), r), vec_set1(1.f));
+  return vec_mul(y, vec_pow2(n));
 }
 #endif
 
