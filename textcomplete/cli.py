@@ -78,6 +78,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
+    import gc
     import signal
 
     import uvicorn
@@ -88,6 +89,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from textcomplete.engine.async_engine import AsyncEngine
     _, keys, limits, config, names = _serve_settings(args)
     engine = _serving_engine(args, config, limits, AsyncEngine)
+    # The loaded model, tokenizer and engine live as long as the process: moved out of the collector's sight,
+    # so that its full collections, which stop the engine thread too, no longer walk them (about 90 ms each
+    # with a 1.7B model loaded, against nothing after this).
+    gc.collect()
+    gc.freeze()
     service = CompletionService(engine, names, limits)
     service.fault_injection = args.enable_fault_injection
     log = logging.getLogger("textcomplete")
