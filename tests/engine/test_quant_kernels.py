@@ -236,16 +236,18 @@ def test_direct_products_of_long_rows_take_k_in_chunks(each_build):
 
 
 def test_a_product_of_several_matrices_in_one_pass_matches_each(each_build):
-    """The decode layers run a projection's matrices (q, k, v of other formats, as a Q4_K_M file keeps them)
-    as one product: its columns are each matrix's product, exact and in 8 bits alike."""
+    """A fused projection's matrices (q, k, v of other formats, as a Q4_K_M file keeps them) run as one
+    product, by the direct path in one pass and by the tiled one into each matrix's columns of one output:
+    its columns are each matrix's product, exact and in 8 bits alike, on both paths and the portable one."""
     k = 512
-    fmts = [by_name(name) for name in ("Q4_K", "Q6_K", "Q8_0")]
-    raws = [torch.from_numpy(random_blocks(f, n, k, seed=n)) for f, n in zip(fmts, (37, 16, 21))]
-    for m in (1, 3, DIRECT_ROWS):
+    fmts = [by_name(name) for name in ("Q4_K", "Q6_K", "Q8_0", "F16")]
+    raws = [torch.from_numpy(random_blocks(f, n, k, seed=n)) for f, n in zip(fmts, (37, 16, 21, 11))]
+    for m, portable in ((1, False), (3, False), (DIRECT_ROWS, False), (DIRECT_ROWS + 1, False), (40, False),
+                        (3, True), (40, True)):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         for int8 in (False, True):
-            y = each_build.matmul_parts(x, raws, [f.type_id for f in fmts], False, int8)
-            each = torch.cat([each_build.matmul(x, r, f.type_id, k, DIRECT_ROWS, False, int8)
+            y = each_build.matmul_parts(x, raws, [f.type_id for f in fmts], k, DIRECT_ROWS, portable, int8)
+            each = torch.cat([each_build.matmul(x, r, f.type_id, k, DIRECT_ROWS, portable, int8)
                               for f, r in zip(fmts, raws)], dim=1)
             assert torch.equal(y, each)
             if not int8:

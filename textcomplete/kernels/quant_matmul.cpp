@@ -9,16 +9,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def(
       "matmul_parts",
-      [](const at::Tensor& x, const std::vector<at::Tensor>& raws, const std::vector<int64_t>& types, bool portable,
-         bool int8) {
-        TORCH_CHECK(raws.size() == types.size() && !raws.empty(), "matmul_parts: one type per matrix");
-        TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "matmul_parts: x float32 [M, K]");
+      [](const at::Tensor& x, const std::vector<at::Tensor>& raws, const std::vector<int64_t>& types, int64_t k,
+         int64_t direct_rows, bool portable, bool int8) {
+        TORCH_CHECK(raws.size() == types.size(), "matmul_parts: one type per matrix");
         std::vector<tcq::StoredPart> parts;
         for (size_t i = 0; i < raws.size(); ++i) parts.push_back(tcq::StoredPart{raws[i], types[i]});
-        return tcq::direct_parts(x, parts, portable, int8);
+        return tcq::matmul_parts(x, parts, k, direct_rows, portable, int8);
       },
-      "y[M, sum N_i] = x @ [W_0; W_1; ...].T by the direct path in one parallel region", py::arg("x"), py::arg("raws"),
-      py::arg("types"), py::arg("portable"), py::arg("int8") = false, py::call_guard<py::gil_scoped_release>());
+      "y[M, sum N_i] = x @ [W_0; W_1; ...].T: each matrix's product written into its own columns", py::arg("x"),
+      py::arg("raws"), py::arg("types"), py::arg("k"), py::arg("direct_rows"), py::arg("portable"),
+      py::arg("int8") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int8_available", &tcq::int8_available, "whether the 8-bit-activation products were compiled in (AVX-512 VNNI or AVX2)");
   m.def("dequantize", &tcq::dequantize, "raw[N, row_bytes] -> float32 [N, K]", py::arg("raw"), py::arg("type_id"),
         py::arg("k"), py::arg("portable"), py::call_guard<py::gil_scoped_release>());

@@ -95,6 +95,22 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int, native: bool
     return out
 
 
+def matmul_parts(x: torch.Tensor, parts: list[tuple[torch.Tensor, Format]], k: int,
+                 int8: bool = False) -> torch.Tensor:
+    """float32 [M, sum of N_i] = x @ [dequantize(raw_0); dequantize(raw_1); ...].T for `parts` (raw_i, fmt_i),
+    as `matmul` takes each: one native call that writes each product into its own columns (no concatenation
+    afterwards), or the products concatenated where a format has no native kernel. `int8` applies to the parts
+    whose format allows it."""
+    _check_x(x, k)
+    for raw, fmt in parts:
+        _check_raw(raw, fmt, k)
+    modules = [_native(fmt) for _, fmt in parts]
+    if all(module is not None for module in modules):
+        return modules[0].matmul_parts(x, [raw for raw, _ in parts], [fmt.type_id for _, fmt in parts], k,
+                                       DIRECT_ROWS, False, int8)
+    return torch.cat([matmul(x, raw, fmt, k, int8=int8) for raw, fmt in parts], dim=1)
+
+
 def embedding(ids: torch.Tensor, raw: torch.Tensor, fmt: Format, k: int) -> torch.Tensor:
     """Rows `ids` of the decoded matrix: float32 [len(ids), K]."""
     _check_raw(raw, fmt, k)

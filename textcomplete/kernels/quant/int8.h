@@ -264,7 +264,8 @@ inline void panel_product(const uint8_t* codes, const float* scale, const float*
 }
 #endif
 
-// y[M, N] = x @ W.T with x quantized to 8 bits; F must have codes and K be a multiple of 32.
+// y[M, N] = x @ W.T with x quantized to 8 bits (y may be a column range of a wider matrix: its row stride is
+// kept); F must have codes and K be a multiple of 32.
 template <class F>
 void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
 #ifdef TCQ_INT8
@@ -272,7 +273,7 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
   constexpr bool Wide = CodeRange<F>::kWide;
   constexpr int Runs = CodeRange<F>::kRuns;
   const QuantizedRows xq(x, G);
-  const int64_t m = x.size(0), ldg = xq.ldg;
+  const int64_t m = x.size(0), ldg = xq.ldg, ldy = y.stride(0);
   float* yp = y.data_ptr<float>();
   y.zero_();
   const int64_t chunk = std::min(k, std::max<int64_t>(F::kBlock, kInt8ChunkValues / F::kBlock * F::kBlock));
@@ -292,12 +293,12 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
             const int8_t* qr = xq.codes(r, k0);
             const float* dr = xq.scales(r, k0, G);
             const float* sr = xq.sums(r, k0, G);
-            float* yr = yp + r * n + first + p * kPanel;
+            float* yr = yp + r * ldy + first + p * kPanel;
             switch (std::min<int64_t>(kRowBlock, m - r)) {
-              case 1: panel_product<1, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
-              case 2: panel_product<2, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
-              case 3: panel_product<3, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
-              default: panel_product<4, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, n, cols); break;
+              case 1: panel_product<1, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, ldy, cols); break;
+              case 2: panel_product<2, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, ldy, cols); break;
+              case 3: panel_product<3, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, ldy, cols); break;
+              default: panel_product<4, G, Wide, Runs>(codes, scale, offset, width, qr, k, dr, sr, ldg, yr, ldy, cols); break;
             }
           }
         }
