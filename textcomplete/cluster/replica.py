@@ -16,6 +16,7 @@ from ray import serve
 from textcomplete.cluster.protocol import ReplicaDescription, ReplicaOutput, ReplicaRequest
 from textcomplete.config import EngineConfig
 from textcomplete.engine.async_engine import AsyncEngine
+from textcomplete.engine.engine import freeze_loaded_objects
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class EngineReplica:
     def __init__(self, config: EngineConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.engine = AsyncEngine(config=config)
+        freeze_loaded_objects()   # the replica's process serves this engine for its whole life
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.pid = os.getpid()
         self.node = _node_id()

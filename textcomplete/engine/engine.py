@@ -7,6 +7,7 @@ The async wrapper in `async_engine.py` runs this loop on its own thread.
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import logging
 from pathlib import Path
@@ -46,6 +47,15 @@ def reuse_freed_memory(limit: int = STEP_MEMORY_REUSE) -> bool:
     except (AttributeError, OSError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def freeze_loaded_objects() -> None:
+    """For a process that serves one engine for its whole life, once the engine is built: the loaded model,
+    tokenizer and engine are moved out of the garbage collector's sight, so that its full collections, which
+    stop the engine thread too, no longer walk them (about 90 ms each with a 1.7B model loaded, against
+    nothing after this). Not for an engine inside someone else's program: it would freeze their objects too."""
+    gc.collect()
+    gc.freeze()
 
 
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
