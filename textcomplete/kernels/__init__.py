@@ -51,7 +51,7 @@ def build_flags(target: str = "native") -> tuple[list[str], list[str]]:
     if not sanitizers:
         return [*_FLAGS, *TARGETS[target]], []
     instrument = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    return ["-O1", "-g", "-march=native", *TARGETS[target], "-fopenmp-simd", *instrument], instrument
+    return ["-O1", "-g1", "-march=native", *TARGETS[target], "-fopenmp-simd", *instrument], instrument
 
 
 @functools.cache
