@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.unit.test_quant_formats import EXPECTED, by_name, random_blocks
-from textcomplete.kernels import quant_matmul, target_supported
+from textcomplete.kernels import cpu_flags, quant_matmul, target_supported
 from textcomplete.quant import DIRECT_ROWS, Format, dequantize, embedding, matmul, native_available
 
 ROWS = [1, 2, 3, 16, 33]
@@ -42,13 +42,22 @@ def avx2():
     return module
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
+@pytest.fixture(scope="module")
+def avx512():
+    """The kernels built for AVX-512 without AMX: the exact tiled products in the float32 micro-kernel."""
+    module = built_for("avx512")
+    assert module.vector_lanes() == 16 and not module.amx(), "the AVX-512 build without AMX uses AMX"
+    return module
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "avx512"])
 def each_build(request):
-    """The kernels as built for this CPU, then as built for AVX2 (where that is another build: on an AVX2
-    machine the two are one module)."""
+    """The kernels as built for this CPU, then as built for AVX2 and for AVX-512 without AMX (where those are
+    other builds: on an AVX2 machine the AVX2 build is the native one, on an AVX-512 machine without AMX so is
+    the AVX-512 one)."""
     module = request.getfixturevalue(request.param)
-    if request.param == "avx2" and module is request.getfixturevalue("native"):
-        pytest.skip("on this CPU the AVX2 build is the native one, tested as such")
+    if request.param != "native" and module is request.getfixturevalue("native"):
+        pytest.skip(f"on this CPU the {request.param} build is the native one, tested as such")
     return module
 
 
@@ -253,6 +262,26 @@ def test_a_product_of_several_matrices_in_one_pass_matches_each(each_build):
             if not int8:
                 Oracle(x, raws[0], fmts[0], k).check(y[:, :37])
                 Oracle(x, raws[1], fmts[1], k).check(y[:, 37:53])
+
+
+def test_amx_tiles_take_the_exact_tiled_products_where_the_cpu_has_them(native):
+    """On a CPU with AMX the native build multiplies the formats with groups of 32 codes on tiles (amx.h): x as
+    three bfloat16 parts, each group's sums scaled per weight row. Row and column counts off the 16 x 16 tiles,
+    K over several decoded chunks, and codes at both ends of their range (the offsets of the formats with a
+    minimum) must all stay within float32 rounding of the oracle, as the float32 micro-kernel's products do."""
+    if "amx_tile" not in cpu_flags() or "amx_bf16" not in cpu_flags():
+        pytest.skip("this CPU has no AMX tiles")
+    assert native.amx(), "the native build on a CPU with AMX does not use its tiles"
+    micro_kernel = built_for("avx512")
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"):
+        fmt = by_name(name)
+        k = 256 * 3 if fmt.block_size == 256 else 32 * 19   # three chunks of K; a chunk and a part of one
+        raw = torch.from_numpy(random_blocks(fmt, 45, k, seed=11))
+        for m in (9, 16, 47):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+            oracle = Oracle(x, raw, fmt, k)
+            oracle.check(native.matmul(x, raw, fmt.type_id, k, 0, False))
+            oracle.check(micro_kernel.matmul(x, raw, fmt.type_id, k, 0, False))
 
 
 def test_every_thread_count_gives_the_same_answer(native):

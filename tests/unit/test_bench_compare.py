@@ -115,6 +115,8 @@ def test_the_report_names_the_vector_instructions_the_kernels_chose_from():
     assert compare.vector_extensions({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"}) == \
         "AVX-512 with VNNI"
     assert compare.vector_extensions({"avx2", "fma", "f16c", "avx512f", "avx512bw"}) == "AVX-512 without VNNI"
+    assert (compare.vector_extensions({"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"})
+            == "AVX-512 with VNNI and AMX tiles")
     assert compare.vector_extensions({"avx2", "fma", "f16c"}) == "AVX2, no AVX-512"
     assert compare.vector_extensions({"sse4_2"}) == "no AVX2"
     assert any("(" in line and "AVX" in line for line in compare.environment_lines("0.3.36", "abc1234")) \

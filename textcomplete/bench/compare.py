@@ -286,7 +286,8 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
 def vector_extensions(flags: set[str] | frozenset[str]) -> str:
     """The vector instruction sets the kernels choose between, as /proc/cpuinfo's flags name them."""
     if {"avx512f", "avx512bw"} <= flags:
-        return "AVX-512" + (" with VNNI" if "avx512_vnni" in flags else " without VNNI")
+        amx = " and AMX tiles" if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags else ""
+        return "AVX-512" + (f" with VNNI{amx}" if "avx512_vnni" in flags else f" without VNNI{amx}")
     if {"avx2", "fma", "f16c"} <= flags:
         return "AVX2, no AVX-512"
     return "no AVX2"

@@ -38,7 +38,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fvisibility=hidden"]
 _OPENMP = ["-fopenmp"]   # links the OpenMP runtime torch has already loaded (same soname)
 # Instruction sets a module can be built for, beyond the building CPU's own ("native"): the flags that take
 # -march=native down to each.
-TARGETS: dict[str, list[str]] = {"native": [], "avx2": ["-mno-avx512f"]}
+TARGETS: dict[str, list[str]] = {"native": [], "avx2": ["-mno-avx512f"],
+                                  "avx512": ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]}
 _lock = threading.Lock()
 _built: dict[tuple[str, str], ModuleType | None] = {}
 
@@ -70,13 +71,14 @@ def target_supported(target: str) -> bool:
     """Whether this CPU runs code built for `target`."""
     if target == "native":
         return True
-    return {"avx2": {"avx2", "fma", "f16c"}}[target] <= cpu_flags()
+    return {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw"}}[target] <= cpu_flags()
 
 
 def _same_as_native(target: str) -> bool:
     """Whether `target`'s flags take nothing away from this CPU's own build (AVX2 on a CPU without AVX-512):
     its module would be the native one compiled twice."""
-    return target == "native" or (target == "avx2" and "avx512f" not in cpu_flags())
+    return (target == "native" or (target == "avx2" and "avx512f" not in cpu_flags())
+            or (target == "avx512" and "amx_tile" not in cpu_flags()))
 
 
 def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), openmp: bool = False,

@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("type_ids", [] { return tcq::type_ids(tcq::Formats{}); }, "the GGML type ids with a native kernel");
   m.def("int8_narrow_type_ids", [] { return tcq::int8_narrow_type_ids(tcq::Formats{}); },
         "the GGML type ids whose narrow products take 8-bit activations too");
+  m.def("amx", &tcq::amx, "whether the exact tiled products of the integer-code formats run on AMX tiles");
   m.def("vectorized", &tcq::vectorized, "whether vector decoders (AVX-512 or AVX2) were compiled in");
   m.def("vector_lanes", &tcq::vector_lanes, "float32 lanes of the vector decoders (1: portable only)");
 }

@@ -9,7 +9,8 @@
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x, in a micro-kernel of our own (gemm.h) on AVX-512 and on AVX2
 //    up to 256 rows of x, elsewhere with ATen's matmul run single-threaded inside the parallel loop; each tile
-//    writes its own columns of y (any row stride: the parts of a fused projection share one y).
+//    writes its own columns of y (any row stride: the parts of a fused projection share one y). On a CPU with
+//    AMX, the formats with groups of 32 codes take the tile products instead (amx.h), as exact.
 //  - with `int8`, x is quantized to 8 bits instead (int8.h): wide products of every format with integer
 //    codes take tiles of them, narrow ones of the formats with an in-register kernel (F::dot_int8) read the
 //    blocks directly, like the float32 direct path.
@@ -48,6 +49,7 @@
 #include "q8_0.h"
 #include "int8.h"
 #include "gemm.h"
+#include "amx.h"
 #include "parallel.h"
 
 namespace tcq {
@@ -523,18 +525,6 @@ class OneBlasThread {
   const int saved_;
 };
 
-// Asks for `count` rows of `bytes` weight bytes from p on (row stride ldw), into L2: the tiled path's next
-// K-chunk, requested before it decodes this one, so that the bytes arrive while this chunk's matmul runs.
-// Each row's chunk is a few hundred bytes a row stride apart, which the hardware prefetchers do not follow:
-// a profile of the 8B-shaped prefill without it had 60% of the decoder's samples on the first load of each
-// block. Measured in-process on that prefill (128 tokens, two processes taking turns, 8 turns each): median
-// ratios 0.93, 0.98 and 0.98 of the time without it, on a machine whose timings varied by 15% turn to turn.
-inline void prefetch_rows(const uint8_t* p, int64_t count, int64_t bytes, int64_t ldw) {
-  for (int64_t r = 0; r < count; ++r) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + r * ldw + offset, 0, 2);
-  }
-}
-
 // The tiled paths hand out weight rows in pieces of whole multiples of this many (micro-kernel blocks of 6
 // or 12 rows) as threads free up (parallel_pieces), each piece walked in tiles. Handed out a tile at a time,
 // the last piece of a product was a whole tile, and the thread without one waited for it at the barrier: a
@@ -615,6 +605,11 @@ void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_
       return;
     }
   }
+#ifdef TCQ_AMX
+  if constexpr (HasAmxTiles<F>::value) {
+    if (!portable && amx_enabled()) return tiled_amx<F>(x, w, ldw, n, k, y);
+  }
+#endif
 #ifdef TCQ_VECTOR
   if (!portable && x.size(0) <= kGemmMaxRows) return tiled_fma<F>(x, w, ldw, n, k, y);
 #endif
@@ -721,6 +716,15 @@ std::vector<int64_t> int8_narrow_type_ids(FormatList<Fs...>) {
   std::vector<int64_t> ids;
   if (int8_available()) ((HasInt8Direct<Fs>::value ? ids.push_back(Fs::kType) : void()), ...);
   return ids;
+}
+
+// Whether the exact tiled products of the formats with integer codes run on AMX tiles (amx.h).
+inline bool amx() {
+#ifdef TCQ_AMX
+  return amx_enabled();
+#else
+  return false;
+#endif
 }
 
 inline bool vectorized() {
