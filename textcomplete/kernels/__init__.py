@@ -75,8 +75,8 @@ def target_supported(target: str) -> bool:
 
 
 def _same_as_native(target: str) -> bool:
-    """Whether `target`'s flags take nothing away from this CPU's own build (AVX2 on a CPU without AVX-512):
-    its module would be the native one compiled twice."""
+    """Whether `target`'s flags take nothing away from this CPU's own build (AVX2 on a CPU without AVX-512,
+    AVX-512 without AMX on a CPU without AMX): its module would be the native one compiled twice."""
     return (target == "native" or (target == "avx2" and "avx512f" not in cpu_flags())
             or (target == "avx512" and "amx_tile" not in cpu_flags()))
 
