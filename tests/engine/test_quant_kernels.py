@@ -266,9 +266,9 @@ def test_a_product_of_several_matrices_in_one_pass_matches_each(each_build):
 
 def test_amx_tiles_take_the_exact_tiled_products_where_the_cpu_has_them(native):
     """On a CPU with AMX the native build multiplies the formats with groups of 32 codes on tiles (amx.h): x as
-    three bfloat16 parts, each group's sums scaled per weight row. Row and column counts off the 16 x 16 tiles,
-    K over several decoded chunks, and codes at both ends of their range (the offsets of the formats with a
-    minimum) must all stay within float32 rounding of the oracle, as the float32 micro-kernel's products do."""
+    three bfloat16 parts, each group's sums scaled per weight row (plus its offset, for the formats with a
+    minimum). Row and column counts off the 16 x 16 tiles and K over several decoded chunks must all stay within
+    float32 rounding of the oracle, as the float32 micro-kernel's products do."""
     if "amx_tile" not in cpu_flags() or "amx_bf16" not in cpu_flags():
         pytest.skip("this CPU has no AMX tiles")
     assert native.amx(), "the native build on a CPU with AMX does not use its tiles"

@@ -606,8 +606,10 @@ void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_
     }
   }
 #ifdef TCQ_AMX
-  if constexpr (HasAmxTiles<F>::value) {
-    if (!portable && amx_enabled()) return tiled_amx<F>(x, w, ldw, n, k, y);
+  if constexpr (HasCodes<F>::value) {
+    if constexpr (F::kGroup == kAmxGroup) {
+      if (!portable && amx_enabled()) return tiled_amx<F>(x, w, ldw, n, k, y);
+    }
   }
 #endif
 #ifdef TCQ_VECTOR
