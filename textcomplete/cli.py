@@ -218,6 +218,8 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     models = [bench_models.prepare(name, fmt, binaries.quantize, Path(args.bench_models_dir).expanduser())
               for name, fmt in chosen]
+    kernels_line = compare.build_native_kernels()
+    print(kernels_line.removeprefix("- "))
     bandwidth = compare.measure_bandwidth()
     print(f"memory bandwidth: {bandwidth:.1f} GB/s")
     runs, skipped = [], []
@@ -236,7 +238,8 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
             runs.append(compare.ModelRun(model, done, *compare.file_figures(model)))
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
     command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
-    env = compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent))
+    env = [*compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent)),
+           kernels_line]
     path = report.write(Path(args.output), runs, bandwidth, env, command.strip(), config, args.note or [],
                         skipped)
     print(f"wrote {path}")

@@ -163,3 +163,16 @@ def test_the_report_lists_every_round_and_its_ratio(tmp_path):
     assert report.Figures.of(run.runs[report.OURS]).single_tok_s == 100
     one = compare.ModelRun(model, {report.OURS: peer([90]), report.PEER: peer([100])}, 1, 1)
     assert report.round_lines(one) == []
+
+
+def test_kernels_are_built_before_any_server_is_timed_and_the_report_says_which(monkeypatch):
+    from textcomplete import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "decode_layers", lambda: calls.append("decode") or object())
+    monkeypatch.setattr(kernels, "quant_matmul", lambda: calls.append("quant_matmul") or object())
+    line = compare.build_native_kernels()
+    assert calls == ["decode", "quant_matmul"]
+    assert "decode and block-format" in line and "exclude the once-per-machine build" in line
+    monkeypatch.setattr(kernels, "decode_layers", lambda: None)
+    monkeypatch.setattr(kernels, "quant_matmul", lambda: None)
+    assert "PyTorch fallback" in compare.build_native_kernels()
