@@ -116,8 +116,16 @@ class LlamaMLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [..., gate | up], as a new contiguous tensor; the caller's gate_up is then
+    its only reference, so it is freed before the down-projection runs. Written as silu(gate) * up, the two
+    halves (views) stay alive through the down-projection beside the product and silu's temporary: on a 1.7B
+    model's 512-token prefill chunk that is 32 MiB more alive at once, in every layer's MLP."""
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :half]).mul_(gate_up[..., half:])
 
 
 def _concat_linears(linears: list[nn.Module]) -> nn.Module:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textcomplete.models import gguf_file
-from textcomplete.models.llama import LlamaMLP
+from textcomplete.models.llama import LlamaMLP, swiglu
 from textcomplete.quant.linear import ConcatLinear, StoredLinear
 from textcomplete.quant.stored import StoredStack, StoredTensor
 
@@ -55,8 +55,7 @@ class Expert(nn.Module):
         self.down_proj = down           # [hidden, intermediate]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
