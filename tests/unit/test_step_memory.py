@@ -1,4 +1,5 @@
-"""Memory that a step frees is reused by the next steps, not unmapped and faulted in again."""
+"""Memory that a step frees is reused by the next steps, not unmapped and faulted in again; after a step of
+prompt chunks the heap's free pages go back to the system."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import resource
 import pytest
 import torch
 
-from textcomplete.engine.engine import reuse_freed_memory
+from textcomplete.engine.engine import release_freed_memory, reuse_freed_memory
 
 MIB = 1 << 20
 # A step's temporaries, alive together: some above the largest mmap threshold glibc adapts to by itself (32 MiB).
@@ -55,3 +56,47 @@ def test_an_mlp_frees_its_gate_up_product_before_the_down_projection():
         y = mlp(x)
     assert alive_at_down == [False]
     torch.testing.assert_close(y, F.linear(F.silu(x @ gate.T) * (x @ up.T), down))
+
+
+def _anonymous_mib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) // 1024
+
+
+def test_released_memory_leaves_the_process_even_between_live_allocations():
+    """A step's temporaries freed while small allocations made after each of them stay alive: the heap keeps
+    the holes (no free pages at its top to trim) until they are released, and then they are not resident."""
+    if not reuse_freed_memory():
+        pytest.skip("the C library takes no glibc mallopt settings")
+    temporaries, pins = [], []
+    for _ in range(8):
+        temporaries.append(torch.empty(8 * MIB // 4).fill_(1.0))
+        pins.append(torch.ones(16))   # outlives the step, placed after the temporary
+    del temporaries
+    held = _anonymous_mib()
+    assert release_freed_memory()
+    assert held - _anonymous_mib() >= 48, (held, _anonymous_mib())
+    assert all(float(pin.sum()) == 16.0 for pin in pins)
+
+
+def test_steps_of_prompt_chunks_release_freed_memory_and_decode_steps_do_not(tiny_model_dir, monkeypatch):
+    import textcomplete.engine.engine as engine_module
+    from tests.engine.test_batching import tiny_engine
+    from textcomplete.engine.sampling_params import SamplingParams
+
+    engine = tiny_engine(tiny_model_dir)
+    steps: list[tuple[int, bool]] = []   # (prompt tokens of the step, released after it)
+    release = engine_module.release_freed_memory
+    monkeypatch.setattr(engine_module, "release_freed_memory", lambda: steps[-1].__setitem__(1, True) or release())
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        steps.append([out.num_prompt_tokens, False])
+        return out
+    monkeypatch.setattr(engine.scheduler, "schedule", recorded)
+    prompt = list(range(2, 2 + 150))   # three chunks of at most 64 tokens (tiny_engine's step budget)
+    engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    prompt_steps = [released for tokens, released in steps if tokens >= engine_module.RELEASE_AFTER_PROMPT_TOKENS]
+    decode_steps = [released for tokens, released in steps if tokens == 0]
+    assert prompt_steps == [True, True] and len(decode_steps) == 5 and not any(decode_steps), steps

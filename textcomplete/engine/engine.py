@@ -7,9 +7,11 @@ The async wrapper in `async_engine.py` runs this loop on its own thread.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +36,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Allocations below this come from the heap and go back to it; freed memory at the heap's top is kept up to it.
 STEP_MEMORY_REUSE = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+# A step that computes at least this many prompt tokens gives the heap's free pages back when it ends.
+RELEASE_AFTER_PROMPT_TOKENS = 64
+
+
+@functools.cache
+def _libc_function(name: str) -> Callable[..., int] | None:
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError):
+        return None
 
 
 def reuse_freed_memory(limit: int = STEP_MEMORY_REUSE) -> bool:
@@ -42,11 +54,23 @@ def reuse_freed_memory(limit: int = STEP_MEMORY_REUSE) -> bool:
     threshold (at most 32 MiB, and at first 128 KiB) afresh and unmaps it when freed, so every step faults
     its pages in again and the kernel zeroes them: on a 1.7B model on two threads, ~110K page faults and 0.3 s
     of system CPU in each 130-token prefill. Returns whether the C library took the setting (glibc does)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def release_freed_memory() -> bool:
+    """Give the free pages inside the heaps back to the system (glibc's malloc_trim), for after a step that
+    computed prompt chunks. Their temporaries come in sizes that change with the chunk, and the small
+    allocations that outlive a step settle between them, so a heap that keeps what steps free grows well past
+    what any one step holds at once: after a 512-token prefill of a 1.7B model the heap held 174 MiB free
+    beside 105 MiB in use, while the step itself never had more than 60 MiB live. Decode steps repeat the
+    same sizes, reuse their memory as it is, and are not followed by this: they are short, and would fault
+    their temporaries in again each time. Returns whether the C library has the call."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+    trim(0)
+    return True
 
 
 def freeze_loaded_objects() -> None:
@@ -179,7 +203,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
-        return [out for result in self.runner.execute(sched) if (out := self._apply(result)) is not None]
+        outputs = [out for result in self.runner.execute(sched) if (out := self._apply(result)) is not None]
+        if sched.num_prompt_tokens >= RELEASE_AFTER_PROMPT_TOKENS:
+            release_freed_memory()
+        return outputs
 
     def _apply(self, result: ChunkResult) -> RequestOutput | None:
         chunk, request = result.chunk, result.chunk.request

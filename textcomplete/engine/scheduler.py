@@ -42,6 +42,11 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of this step's chunks of more than one token: prompt chunks (a decode chunk is one token)."""
+        return sum(c.num_tokens for c in self.chunks if c.num_tokens > 1)
+
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_num_batched_tokens: int, max_num_seqs: int) -> None:
