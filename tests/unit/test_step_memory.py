@@ -85,7 +85,7 @@ def test_steps_of_prompt_chunks_release_freed_memory_and_decode_steps_do_not(tin
     from textcomplete.engine.sampling_params import SamplingParams
 
     engine = tiny_engine(tiny_model_dir)
-    steps: list[tuple[int, bool]] = []   # (prompt tokens of the step, released after it)
+    steps: list[list] = []   # [prompt tokens of the step, released after it], the flag set by the release
     release = engine_module.release_freed_memory
     monkeypatch.setattr(engine_module, "release_freed_memory", lambda: steps[-1].__setitem__(1, True) or release())
     schedule = engine.scheduler.schedule
