@@ -227,6 +227,34 @@ def test_a_100_mb_gguf_costs_about_its_size_in_memory(tmp_path):
     assert figures["heavy_modules"] == [], figures["heavy_modules"]
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_weights_are_mapped_as_the_file_holds_them_asking_for_huge_pages(tmp_path):
+    from textcomplete.quant.stored import map_weights
+    path = tmp_path / "weights.bin"
+    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    path.write_bytes(payload.tobytes())
+    mapped = map_weights(path)
+    assert np.array_equal(mapped, payload)
+    flags = _vm_flags(mapped.ctypes.data)
+    assert "hg" in flags, flags      # MADV_HUGEPAGE: a decode step streams the weights through 2 MiB pages
+    weights = torch.from_numpy(mapped)  # writable (torch takes it without a copy) but copy-on-write:
+    weights[:16] = 0                    # the file never changes
+    assert path.read_bytes()[:16] == payload[:16].tobytes()
+
+
 def test_wide_products_run_under_inference_mode_on_every_thread():
     """The engine's steps run under inference mode; the kernel's worker threads must write its output too."""
     import gguf

@@ -26,7 +26,7 @@ from gguf.quants import dequantize
 
 from textcomplete.errors import ModelFileError
 from textcomplete.quant import FORMATS, format_of
-from textcomplete.quant.stored import StoredTensor
+from textcomplete.quant.stored import StoredTensor, map_weights
 from textcomplete.models.registry import GGUF_ARCHITECTURES, architecture_of, model_class
 
 _MAGIC = b"GGUF"
@@ -171,7 +171,7 @@ class GGUFFile:
         if not self.metadata.get("tokenizer.ggml.tokens"):
             raise ModelFileError(path, "the file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
         self.model_class = model_class(GGUF_ARCHITECTURES[self.arch])
-        self._data: np.memmap | None = None
+        self._data: np.ndarray | None = None
 
     @property
     def num_tensors(self) -> int:
@@ -235,11 +235,9 @@ class GGUFFile:
         raw = torch.from_numpy(self._mapped()[t.offset:t.offset + t.n_bytes])
         return StoredTensor.of(raw.view(*shape[:-1], -1), format_of(int(t.type)), shape)
 
-    def _mapped(self) -> np.memmap:
+    def _mapped(self) -> np.ndarray:
         if self._data is None:
-            # Copy-on-write: the file is never written, and torch accepts the (writable) private view without
-            # copying it; untouched pages cost no memory.
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="c")
+            self._data = map_weights(self.path)
         return self._data
 
 
@@ -302,7 +300,7 @@ def unpermute_qk(w: torch.Tensor | StoredTensor, num_heads: int) -> torch.Tensor
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _dequantized(data: np.memmap, t: TensorInfo) -> torch.Tensor:
+def _dequantized(data: np.ndarray, t: TensorInfo) -> torch.Tensor:
     """Tensor `t` as float32 in PyTorch's dimension order (decoded, except F32, which is used in place)."""
     raw = data[t.offset:t.offset + t.n_bytes]
     shape = tuple(reversed(t.shape))

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
@@ -30,7 +29,7 @@ from textcomplete.models.registry import architecture_of, model_class
 from textcomplete.models.spec import ModelSpec
 from textcomplete.quant import format_of
 from textcomplete.quant.linear import StoredEmbedding, StoredLinear
-from textcomplete.quant.stored import StoredStack, StoredTensor
+from textcomplete.quant.stored import StoredStack, StoredTensor, map_weights
 from textcomplete.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ def _safetensors_views(path: Path) -> dict[str, StoredTensor]:
     with path.open("rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
-    mapped = np.memmap(path, dtype=np.uint8, mode="c")   # copy-on-write: never written; untouched pages cost nothing
+    mapped = map_weights(path)
     views = {}
     for name, info in header.items():
         if name == "__metadata__" or info["dtype"] not in _STORED_SAFETENSORS or len(info["shape"]) != 2:
