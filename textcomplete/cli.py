@@ -233,13 +233,15 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
                 model, [*extra, "--activations", "int8"], tokens)))
         starts.append(("llama-server", compare.llama_server_command(
             binaries.server, model, 0, max(config.concurrency), tokens)))
+        print(f"read {model.path.name} into the page cache in {compare.read_into_page_cache(model.path):.1f} s")
         done = compare.compare_servers(starts, model, config, tokenizer, logs, tokens, args.rounds, skipped)
         if done:
             runs.append(compare.ModelRun(model, done, *compare.file_figures(model)))
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
     command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
     env = [*compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent)),
-           kernels_line]
+           kernels_line, "- before its servers started, each model's file was dropped from the page cache and read once "
+           "from start to end: every server mapped the same warm cache"]
     path = report.write(Path(args.output), runs, bandwidth, env, command.strip(), config, args.note or [],
                         skipped)
     print(f"wrote {path}")

@@ -176,3 +176,11 @@ def test_kernels_are_built_before_any_server_is_timed_and_the_report_says_which(
     monkeypatch.setattr(kernels, "decode_layers", lambda: None)
     monkeypatch.setattr(kernels, "quant_matmul", lambda: None)
     assert "PyTorch fallback" in compare.build_native_kernels()
+
+
+def test_a_model_file_is_read_whole_into_the_page_cache(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(range(256)) * ((9 << 20) // 256 + 1))   # more than one read's chunk
+    seconds = compare.read_into_page_cache(path)
+    assert 0 <= seconds < 600
+    assert path.read_bytes()[:256] == bytes(range(256))   # only read, never written

@@ -287,6 +287,22 @@ def build_native_kernels() -> str:
             "first start includes")
 
 
+def read_into_page_cache(path: Path) -> float:
+    """Drops `path` from the page cache (the pages no process maps) and reads it once from start to end, so
+    that every server then maps the same warm cache, whichever started first and whatever read the file before.
+    A sequential read is cached in large folios (ext4 and xfs on recent kernels), which a mapping then maps 2
+    MiB at a time; pages faulted in through a plain mapping are cached small, and a decode step that streams
+    weights through small pages is slower (textcomplete.quant.stored.map_weights). Returns the seconds taken."""
+    start = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        chunk = bytearray(8 << 20)
+        while f.readinto(chunk):
+            pass
+    return time.perf_counter() - start
+
+
 def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> float:
     """Copy bandwidth in GB/s (bytes read + written), best of a few runs."""
     import torch
