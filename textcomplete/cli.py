@@ -240,8 +240,8 @@ def _bench_compare(args: argparse.Namespace, config) -> int:
     given = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
     command = "textcomplete bench --compare " + " ".join(shlex.quote(a) for a in given if a != "--compare")
     env = [*compare.environment_lines(binaries.version, compare.git_commit(Path(__file__).resolve().parent.parent)),
-           kernels_line, "- before its servers started, each model's file was dropped from the page cache and read once "
-           "from start to end: every server mapped the same warm cache"]
+           kernels_line, "- before its servers started, each model's file was dropped from the page cache and read "
+           "once from start to end: every server mapped the same warm cache"]
     path = report.write(Path(args.output), runs, bandwidth, env, command.strip(), config, args.note or [],
                         skipped)
     print(f"wrote {path}")
