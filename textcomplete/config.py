@@ -48,9 +48,9 @@ class EngineConfig:
                 "on all of them; with AVX-512 the others are as fast in float32 there); CPUs with AVX-512 VNNI "
                 "or AVX2 (others stay float32)."})
     native_decode: bool = field(default=True, metadata={
-        "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, compiled with "
-                "the machine's C++ compiler on first use (about a minute, then cached); --no-native-decode, "
-                "or a failed build, uses PyTorch operators."})
+        "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, and the attention "
+                "of prompt chunks through C++ too, compiled with the machine's C++ compiler on first use (about "
+                "a minute, then cached); --no-native-decode, or a failed build, uses PyTorch operators."})
     device: str = field(default="auto", metadata={
         "help": "cpu, cuda, or auto (the GPU when torch has one)."})
     kv_cache_memory: int | None = field(default=None, metadata={

@@ -67,7 +67,11 @@ def test_float32_native_decode_matches_pytorch_layers(tiny_model_dir, kernels, n
 def test_long_prompts_decode_natively_as_pytorch_does(tiny_model_dir, tmp_path, kernels, native_calls,
                                                       kv_cache_dtype, kv_heads):
     """Keys in several of the native attention's chunks and tiles, the last ones partly filled. With two query
-    heads a KV head, a 16-bit cache is read through a float32 tile; with one, and a float32 cache, as stored."""
+    heads a KV head, a 16-bit cache is read through a float32 tile; with one, and a float32 cache, as stored.
+    The prompts' attention differs too (the native prompt attention against PyTorch's, equally close to float64:
+    tests/engine/test_prompt_attention.py). With a float32 cache the paths then agree within 6e-6; a 16-bit
+    cache rounds their K/V, and where the two float32 values straddle a rounding boundary the stored ones differ
+    by a 16-bit step, which later layers carry: up to 1.6e-4 apart over these prompts and 20 greedy tokens."""
     directory = tiny_model_dir("llama")
     if kv_heads != 2:
         from tests.tiny_models import make_tiny_model
@@ -84,7 +88,7 @@ def test_long_prompts_decode_natively_as_pytorch_does(tiny_model_dir, tmp_path, 
     for a, b in zip(logprobs_n, logprobs_p):
         got = torch.tensor([[x.logprob, *(lp for _, lp in x.top)] for x in a])
         want = torch.tensor([[y.logprob, *(lp for _, lp in y.top)] for y in b])
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-4 if kv_cache_dtype == "float32" else 5e-4, rtol=0)
 
 
 def test_a_batch_of_one_token_prompts_decodes_natively(tiny_model_dir, kernels, native_calls):

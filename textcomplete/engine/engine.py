@@ -25,6 +25,7 @@ from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_bl
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
 from textcomplete.kernels import decode_layers
+from textcomplete.models.layers import PagedAttention
 from textcomplete.models.loader import LoadedModel, load_model
 from textcomplete.quant.linear import use_int8_activations
 
@@ -152,9 +153,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, kv_dtype,
                                   loaded.device, config.seed)
+        native = config.native_decode and loaded.device.type == "cpu" and loaded.dtype == torch.float32
+        kernels = decode_layers() if native else None
+        for attn in (m for m in loaded.model.modules() if isinstance(m, PagedAttention)):
+            attn.native = kernels
         if hasattr(loaded.model, "use_native_decode"):
-            native = config.native_decode and loaded.device.type == "cpu" and loaded.dtype == torch.float32
-            loaded.model.use_native_decode(decode_layers() if native else None)
+            loaded.model.use_native_decode(kernels)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, kv_dtype, loaded.device, config)

@@ -1,6 +1,6 @@
-// Decode attention: each request's query heads (one row a request) against its keys and values in the
-// paged KV cache, as decode.cpp's layers call it. Needs only the vector helpers of quant/common.h, so that a
-// standalone program can time it.
+// Attention over the paged KV cache, as decode.cpp calls it: decode attention (each request's query heads,
+// one row a request, against its keys and values) and prompt attention (the rows of one request's prompt
+// chunk, causal). Needs only the vector helpers of quant/common.h, so that a standalone program can time it.
 #pragma once
 
 #include "quant/common.h"
@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace attention {
 
@@ -249,6 +250,213 @@ inline void merge_chunks(const float* state, int64_t chunks, int64_t stride, int
   }
   const float inv = 1.f / total;
   for (int64_t d = 0; d < dim; ++d) out[d] *= inv;
+}
+
+
+// Prompt attention. A work item is one KV head and a block of kPromptRows query rows of the chunk, all its
+// query heads with them: each tile of kKeyTile keys is widened to float32 once per item, its keys transposed
+// (a vector holds one dimension of kLanes keys), and the item's query vectors take their scores four at a
+// time as broadcast multiply-adds against it, with no horizontal sums. Each query vector keeps one running
+// softmax state (m, l, o) over all its keys, so nothing is merged afterwards. Against gathering the request's
+// blocks, widening them and calling torch's flash attention, float16 cache, two threads: 9.3 against 10.7 ms
+// for 256 queries after 256 keys and 3.2 against 4.4 for 256 on 256 (32 heads of 64, SmolLM2-1.7B's); 2.2
+// against 2.2 and 0.23 against 0.42 (128 on 130) with 9 query heads on 3 (SmolLM2-135M's).
+constexpr int64_t kPromptRows = 64;
+
+// s[i][t] = q_i . key t of the tile for the nq (<= 4) query vectors qs, from the transposed tile kt
+// ([dim][kKeyTile]); unscaled.
+inline void prompt_scores(const float* const* qs, int nq, const float* kt, int64_t dim, float (*s)[kKeyTile]) {
+#ifdef TCQ_VECTOR
+  constexpr int64_t kVecs = kKeyTile / tcq::kLanes;
+  tcq::Vec acc[4][kVecs];
+  for (auto& row : acc)
+    for (auto& v : row) v = tcq::vec_zero();
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t j = 0; j < kVecs; ++j) {
+      const tcq::Vec k = tcq::vec_load(kt + d * kKeyTile + j * tcq::kLanes);
+      for (int i = 0; i < 4; ++i)
+        if (i < nq) acc[i][j] = tcq::vec_fmadd(tcq::vec_set1(qs[i][d]), k, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < kVecs; ++j) tcq::vec_store(s[i] + j * tcq::kLanes, acc[i][j]);
+#else
+  for (int i = 0; i < nq; ++i) {
+    for (int64_t t = 0; t < kKeyTile; ++t) s[i][t] = 0.f;
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t t = 0; t < kKeyTile; ++t) s[i][t] += qs[i][d] * kt[d * kKeyTile + t];
+  }
+#endif
+}
+
+// kt[d * kKeyTile + j] = keys[j * dim + d]: the tile's keys, one dimension of all of them a row.
+inline void transpose_tile(const float* keys, int64_t dim, float* kt) {
+#if defined(TCQ_AVX512)
+  static_assert(kKeyTile == 16, "a transposed row is one vector");
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(dim)));
+  for (int64_t d = 0; d < dim; ++d) _mm512_storeu_ps(kt + d * kKeyTile, _mm512_i32gather_ps(rows, keys + d, 4));
+#elif defined(TCQ_AVX2)
+  static_assert(kKeyTile == 16, "a transposed row is two vectors");
+  const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(dim)));
+  for (int64_t d = 0; d < dim; ++d) {
+    _mm256_storeu_ps(kt + d * kKeyTile, _mm256_i32gather_ps(keys + d, rows, 4));
+    _mm256_storeu_ps(kt + d * kKeyTile + 8, _mm256_i32gather_ps(keys + 8 * dim + d, rows, 4));
+  }
+#else
+  for (int64_t j = 0; j < kKeyTile; ++j)
+    for (int64_t d = 0; d < dim; ++d) kt[d * kKeyTile + j] = keys[j * dim + d];
+#endif
+}
+
+// s[j] = s[j] * scale for lo <= j < hi, -inf elsewhere; returns the largest (lo < hi).
+inline float scale_and_mask(float* s, float scale, int64_t lo, int64_t hi) {
+#if defined(TCQ_AVX512)
+  const __mmask16 seen = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  const __m512 v = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen, _mm512_loadu_ps(s), _mm512_set1_ps(scale));
+  _mm512_storeu_ps(s, v);
+  return _mm512_reduce_max_ps(v);
+#elif defined(TCQ_AVX2)
+  const __m256 low = _mm256_set1_ps(static_cast<float>(lo) - 0.5f), high = _mm256_set1_ps(static_cast<float>(hi) - 0.5f);
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int half = 0; half < 2; ++half) {
+    const __m256 j = _mm256_setr_ps(8 * half + 0.f, 8 * half + 1.f, 8 * half + 2.f, 8 * half + 3.f, 8 * half + 4.f,
+                                    8 * half + 5.f, 8 * half + 6.f, 8 * half + 7.f);
+    const __m256 seen = _mm256_and_ps(_mm256_cmp_ps(j, low, _CMP_GT_OQ), _mm256_cmp_ps(j, high, _CMP_LT_OQ));
+    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
+                                      _mm256_mul_ps(_mm256_loadu_ps(s + 8 * half), _mm256_set1_ps(scale)), seen);
+    _mm256_storeu_ps(s + 8 * half, v);
+    top = _mm256_max_ps(top, v);
+  }
+  const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+#else
+  float top = -INFINITY;
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    s[j] = j >= lo && j < hi ? s[j] * scale : -INFINITY;
+    top = std::max(top, s[j]);
+  }
+  return top;
+#endif
+}
+
+// o_i = o_i * rescale[i] + sum over t < count of p[i][t] * values[t], for the nq (<= 4) consecutive output rows
+// at o (dim floats each): each value vector is loaded once for all of them.
+inline void prompt_values(const float (*p)[kKeyTile], const float* rescale, int nq, const float* const* values,
+                          int64_t count, int64_t dim, float* o) {
+  int64_t d = 0;
+#ifdef TCQ_VECTOR
+  for (; d + tcq::kLanes <= dim; d += tcq::kLanes) {
+    tcq::Vec acc[4];
+    for (int i = 0; i < nq; ++i) acc[i] = tcq::vec_mul(tcq::vec_load(o + i * dim + d), tcq::vec_set1(rescale[i]));
+    for (int64_t t = 0; t < count; ++t) {
+      const tcq::Vec v = tcq::vec_load(values[t] + d);
+      for (int i = 0; i < 4; ++i)
+        if (i < nq) acc[i] = tcq::vec_fmadd(tcq::vec_set1(p[i][t]), v, acc[i]);
+    }
+    for (int i = 0; i < nq; ++i) tcq::vec_store(o + i * dim + d, acc[i]);
+  }
+#endif
+  for (; d < dim; ++d) {
+    for (int i = 0; i < nq; ++i) {
+      float acc = o[i * dim + d] * rescale[i];
+      for (int64_t t = 0; t < count; ++t) acc += p[i][t] * values[t][d];
+      o[i * dim + d] = acc;
+    }
+  }
+}
+
+// The rows of one request's prompt chunk against its keys: q [t, heads, dim] float32 holds the queries of
+// positions num_keys - t .. num_keys - 1, the cache [blocks, block_size, 2, kv_heads, dim] the keys and values
+// of positions 0 .. num_keys - 1 (those of the chunk already written) in the blocks `blocks` lists in order.
+// A query at position p sees keys p - window < k <= p (window 0: every k <= p). out [t, heads, dim].
+// `parallel(items, fn)` runs fn(begin, end) over [0, items) on the caller's threads.
+template <class T, class Parallel>
+void prompt_attention(const float* q, int64_t t, const T* cache, int64_t block_size, const int64_t* blocks,
+                      int64_t num_keys, int64_t heads, int64_t kv_heads, int64_t dim, int64_t window, float scale,
+                      float* out, Parallel&& parallel) {
+  const int64_t group = heads / kv_heads, slot_stride = 2 * kv_heads * dim, first_q = num_keys - t;
+  // Blocks of fewer rows where whole ones would give the threads few items (a small model's few KV heads); the
+  // blocks of the chunk's last rows, which see the most keys, are handed out first.
+  int64_t rows = kPromptRows;
+  while (rows > 16 && kv_heads * ((t + rows - 1) / rows) < 32) rows /= 2;
+  const int64_t row_blocks = (t + rows - 1) / rows;
+  parallel(kv_heads * row_blocks, [&](int64_t begin, int64_t end) {
+    // Kept between calls: no allocation a step.
+    static thread_local std::vector<float> scratch;
+    const int64_t vectors = kPromptRows * group;
+    scratch.resize(std::max<size_t>(scratch.size(), static_cast<size_t>(3 * kKeyTile * dim + vectors * (dim + 2))));
+    float* wide_keys = scratch.data();
+    float* wide_values = wide_keys + kKeyTile * dim;
+    float* kt = wide_values + kKeyTile * dim;
+    float* m = kt + kKeyTile * dim;
+    float* l = m + vectors;
+    float* o = l + vectors;
+    const float* value_rows[kKeyTile];
+    for (int64_t j = 0; j < kKeyTile; ++j) value_rows[j] = wide_values + j * dim;
+    alignas(64) float s[4][kKeyTile];
+    alignas(64) float p[4][kKeyTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t kv = item % kv_heads, r0 = (row_blocks - 1 - item / kv_heads) * rows, r1 = std::min(t, r0 + rows);
+      const int64_t count = (r1 - r0) * group;   // query vectors: row-major over (row, head of the group)
+      std::fill(m, m + count, -INFINITY);
+      std::fill(l, l + count, 0.f);
+      std::fill(o, o + count * dim, 0.f);
+      const int64_t last_key = first_q + r1 - 1;
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, first_q + r0 - window + 1) : 0;
+      for (int64_t k0 = first_key; k0 <= last_key; k0 += kKeyTile) {
+        const int64_t c = std::min(kKeyTile, last_key + 1 - k0);
+        for (int64_t j = 0; j < kKeyTile; ++j) {
+          float* key = wide_keys + j * dim;
+          float* value = wide_values + j * dim;
+          if (j >= c) {   // past the keys: zero, and masked below
+            std::fill(key, key + dim, 0.f);
+            std::fill(value, value + dim, 0.f);
+            continue;
+          }
+          const int64_t pos = k0 + j, slot = blocks[pos / block_size] * block_size + pos % block_size;
+          widen_tile(cache, &slot, 1, slot_stride, kv * dim, dim, key);
+          widen_tile(cache, &slot, 1, slot_stride, (kv_heads + kv) * dim, dim, value);
+        }
+        transpose_tile(wide_keys, dim, kt);
+        for (int64_t a = 0; a < count; a += 4) {
+          const int nq = static_cast<int>(std::min<int64_t>(4, count - a));
+          const float* qs[4];
+          for (int i = 0; i < nq; ++i) {
+            const int64_t v = a + i, row = r0 + v / group;
+            qs[i] = q + (row * heads + kv * group + v % group) * dim;
+          }
+          prompt_scores(qs, nq, kt, dim, s);
+          float rescale[4];
+          int64_t keys = 0;   // the most keys any of the nq sees: the values' loop bound
+          for (int i = 0; i < nq; ++i) {
+            const int64_t v = a + i, pos = first_q + r0 + v / group;
+            // The tile's keys this query sees: [lo, hi); a query that sees none keeps its state (weights 0).
+            const int64_t hi = std::min(c, pos - k0 + 1);
+            const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1 - k0) : 0;
+            if (hi <= lo) {
+              rescale[i] = 1.f;
+              std::fill(p[i], p[i] + kKeyTile, 0.f);
+              continue;
+            }
+            keys = std::max(keys, hi);
+            const float top = std::max(m[v], scale_and_mask(s[i], scale, lo, hi));
+            rescale[i] = m[v] == -INFINITY ? 0.f : std::exp(m[v] - top);
+            l[v] = l[v] * rescale[i] + tile_weights(s[i], top, p[i]);
+            m[v] = top;
+          }
+          if (keys > 0) prompt_values(p, rescale, nq, value_rows, keys, dim, o + a * dim);
+        }
+      }
+      for (int64_t v = 0; v < count; ++v) {
+        const int64_t row = r0 + v / group;
+        float* dst = out + (row * heads + kv * group + v % group) * dim;
+        const float inv = 1.f / l[v];
+        for (int64_t d = 0; d < dim; ++d) dst[d] = o[v * dim + d] * inv;
+      }
+    }
+  });
 }
 
 }  // namespace attention

@@ -316,10 +316,43 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
   return x;
 }
 
+// The prompt attention of one request's chunk (attention.h, prompt_attention): q [t, heads, head_dim] float32,
+// cache [blocks, block_size, 2, kv_heads, head_dim], block_table [>= the blocks of num_keys positions] int64.
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_table,
+                            int64_t num_keys, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q: contiguous float32 [t, heads, head_dim]");
+  TORCH_CHECK(cache.dim() == 5 && cache.is_contiguous() && cache.size(2) == 2 && cache.size(4) == q.size(2),
+              "cache: contiguous [blocks, block_size, 2, kv_heads, head_dim]");
+  const int64_t t = q.size(0), heads = q.size(1), kv_heads = cache.size(3), block_size = cache.size(1);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, heads, " query heads do not share ", kv_heads, " KV heads");
+  TORCH_CHECK(t >= 1 && num_keys >= t && window >= 0, "need 1 <= t <= num_keys, got t = ", t, ", num_keys = ",
+              num_keys);
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() &&
+                  block_table.numel() * block_size >= num_keys,
+              "block_table: int64 blocks covering the ", num_keys, " keys");
+  const int64_t* blocks = block_table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < (num_keys + block_size - 1) / block_size; ++b)
+    TORCH_CHECK(blocks[b] >= 0 && blocks[b] < cache.size(0), "block_table[", b, "] = ", blocks[b],
+                " is outside the cache's ", cache.size(0), " blocks");
+  at::Tensor out = at::empty_like(q);
+  with_cache_type(cache, [&](auto zero) {
+    using T = decltype(zero);
+    attention::prompt_attention<T>(q.data_ptr<float>(), t, static_cast<const T*>(cache.data_ptr()), block_size, blocks,
+                                   num_keys, heads, kv_heads, q.size(2), window, static_cast<float>(scale),
+                                   out.data_ptr<float>(), [](int64_t items, const auto& fn) {
+                                     tcq::parallel_pieces(items, 1, 1, fn);
+                                   });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the layers run (tens of milliseconds on a large model), so the server's event
   // loop streams the previous token meanwhile instead of waiting for the engine thread to reach Python.
   m.def("decode_layers", &decode_layers, "All decoder layers of one decode step (Llama family, float32 activations)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prompt_attention", &prompt_attention, "Causal attention of one request's prompt chunk over the paged cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("vector_lanes", &tcq::vector_lanes, "float32 lanes of the vector code (16 AVX-512, 8 AVX2, 1 portable)");
 }

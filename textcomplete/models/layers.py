@@ -286,6 +286,9 @@ class PagedAttention(nn.Module):
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.softcap = softcap or None
         self.kv_cache: torch.Tensor | None = None
+        # The compiled module whose prompt_attention runs prefill spans on float32 queries (the engine sets it;
+        # None: PyTorch's scaled_dot_product_attention over the gathered blocks).
+        self.native: object | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
@@ -307,7 +310,13 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if decoded is not None:
             out[:n] = decoded
+        native = self.native is not None and self.softcap is None and q.dtype == torch.float32
         for span in meta.prefills:
+            if native:   # reads the cache in place: no gathered copy of the request's blocks
+                out[span.q_start:span.q_end] = self.native.prompt_attention(
+                    q[span.q_start:span.q_end].contiguous(), self.kv_cache, span.block_table, span.num_keys,
+                    self.sliding_window or 0, self.scale)
+                continue
             first_key, mask = span.windowed(self.sliding_window) if self.sliding_window else (0, span.mask)
             first_block, skip = divmod(first_key, self.kv_cache.shape[1])
             # index_select copies whole blocks; indexing by a tensor ran a per-element kernel, 6x slower.
