@@ -252,7 +252,6 @@ inline void merge_chunks(const float* state, int64_t chunks, int64_t stride, int
   for (int64_t d = 0; d < dim; ++d) out[d] *= inv;
 }
 
-
 // Prompt attention. A work item is one KV head and a block of kPromptRows query rows of the chunk, all its
 // query heads with them: each tile of kKeyTile keys is widened to float32 once per item, its keys transposed
 // (a vector holds one dimension of kLanes keys), and the item's query vectors take their scores four at a
