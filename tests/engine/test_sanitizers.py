@@ -30,7 +30,11 @@ def sanitized_env() -> dict[str, str]:
         pytest.skip(f"no C++ compiler ({compiler}): the native kernels are not built on this machine")
     runtime = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     assert os.path.isabs(runtime) and os.path.exists(runtime), f"{compiler} has no AddressSanitizer runtime"
-    return {**os.environ, SANITIZE_ENV: "address,undefined", "LD_PRELOAD": runtime,
+    # The C++ runtime too: ASan finds the real __cxa_throw when it starts, and Python loads libstdc++ only later
+    # (with the first native module), so an exception thrown by the library without torch would abort ASan.
+    cxx = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    preload = f"{runtime} {cxx}" if os.path.isabs(cxx) and os.path.exists(cxx) else runtime
+    return {**os.environ, SANITIZE_ENV: "address,undefined", "LD_PRELOAD": preload,
             # Python itself never frees some memory at exit: leaks are not what this looks for.
             "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
             "PYTHONPATH": str(ROOT)}
@@ -77,4 +81,25 @@ def test_the_native_decode_tests_pass_under_asan_and_ubsan(sanitized_env):
     assert run.returncode == 0, output[-5000:]
     assert not any(report in output for report in REPORTS), output[-5000:]
     assert "textcomplete_decode_sanitized" in run.stdout, run.stdout[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+
+
+LIBRARY_TESTS = f"""
+import sys, pytest
+code = pytest.main(["-q", "-p", "no:cacheprovider", {str(ROOT / "tests/engine/test_native_library.py")!r},
+                    "-k", "every_step_kind or sliding_windows or refuses"])
+from textcomplete.kernels import library
+print("library", library.load().path, flush=True)
+sys.exit(int(code))
+"""
+
+
+def test_the_native_layer_stack_tests_pass_under_asan_and_ubsan(sanitized_env):
+    """The library without torch, instrumented: every step kind (decode rows, prompt chunks, both at once) over
+    float32 weights and each cache type, sliding windows, and the refusals of what does not fit."""
+    run = run_python(LIBRARY_TESTS, sanitized_env)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert not any(report in output for report in REPORTS), output[-5000:]
+    assert "libtextcomplete_native_sanitized" in run.stdout, run.stdout[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]

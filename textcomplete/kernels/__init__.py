@@ -3,6 +3,8 @@
 `decode_layers()` returns the fused decode step of `decode.cpp`, or None when it cannot be built (no
 compiler, no ninja, an unsupported platform); callers then run the same computation as PyTorch operators.
 The build takes about a minute once per machine and torch version; later starts load the cached library.
+Those modules are torch extensions; `library.py` builds the same kernels as a plain shared library for a
+process without torch (this module imports torch only to build an extension).
 
 The modules are compiled for the CPU that builds them (-march=native): AVX-512 vector code on AVX-512
 machines, AVX2 on the others that have it, portable C++ elsewhere. A `target` of "avx2" builds the AVX2 code on
@@ -26,11 +28,13 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
 log = logging.getLogger(__name__)
 
 SANITIZE_ENV = "TEXTCOMPLETE_SANITIZE"
+# Up to this many rows of x a product streams the weights once, decoding blocks in registers (decode steps:
+# bandwidth-bound); wider ones decode tiles of weight rows once and multiply them in a micro-kernel.
+# Measured at 2048 x 8192 on 2 cores: the direct path is faster up to 8 rows, level at 12 to 16.
+DIRECT_ROWS = 8
 _SOURCE = Path(__file__).with_name("decode.cpp")
 # Hidden visibility: only the module's init function is exported (pybind11 marks it), so calls between the
 # module's own functions are direct, not through the PLT as calls to symbols another library could replace.
@@ -87,14 +91,26 @@ def build_directory(name: str, source: Path, headers: tuple[Path, ...] = (), ope
     path, compiler flags, torch version and CPU (-march=native is CPU-specific). torch's build file records the
     source's path, so two checkouts of the same code sharing one directory would rebuild it in turn, each start
     after the other's paying for a build."""
+    import torch
+
     cflags, _ = build_flags(target)
     cflags += _OPENMP if openmp else []
+    return cache_directory(name, source, headers, [*cflags, torch.__version__], by_path=True)
+
+
+def cache_directory(name: str, source: Path, headers: tuple[Path, ...], settings: list[str],
+                    by_path: bool = False) -> Path:
+    """A build's cache directory, keyed by its name, sources, settings (flags, versions), the machine and CPU,
+    and with `by_path` the source's path."""
     texts = [source.read_bytes(), *(h.read_bytes() for h in headers)]
-    key = hashlib.sha256(b"\0".join([name.encode(), str(source.resolve()).encode(), *texts,
-                                     " ".join(cflags).encode(), torch.__version__.encode(),
+    where = [str(source.resolve()).encode()] if by_path else []
+    key = hashlib.sha256(b"\0".join([name.encode(), *where, *texts, " ".join(settings).encode(),
                                      platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
-    root = Path(os.environ.get("TEXTCOMPLETE_CACHE", Path.home() / ".cache" / "textcomplete"))
-    return root / "kernels" / key
+    return cache_root() / "kernels" / key
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TEXTCOMPLETE_CACHE", Path.home() / ".cache" / "textcomplete"))
 
 
 def _cpu_model() -> str:
@@ -143,7 +159,7 @@ def decode_layers(target: str = "native") -> ModuleType | None:
 
 def decode_build_directory() -> Path:
     """Where the decode module is built and cached (for this source, its headers and these flags)."""
-    return build_directory("textcomplete_decode", _SOURCE, _headers(), openmp=True)
+    return build_directory("textcomplete_decode", _SOURCE, headers(), openmp=True)
 
 
 def quant_matmul(target: str = "native") -> ModuleType | None:
@@ -177,14 +193,14 @@ def _build(kind: str, target: str) -> ModuleType | None:
         log.info("%s are built on Linux only; %s", what, fallback)
         return None
     try:
-        return build_extension(f"textcomplete_{kind}", source, _headers(), openmp=True, target=target)
+        return build_extension(f"textcomplete_{kind}", source, headers(), openmp=True, target=target)
     except Exception as exc:   # noqa: BLE001 - no compiler, no ninja, ...: the PyTorch path still works
         log.warning("could not build the %s (%s); %s", what,
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__, fallback)
         return None
 
 
-def _headers() -> tuple[Path, ...]:
+def headers() -> tuple[Path, ...]:
     """The headers the modules include: the block formats and their products, the decode attention (a change
     rebuilds both modules)."""
     return tuple(sorted([*_SOURCE.parent.glob("*.h"), *(_SOURCE.parent / "quant").glob("*.h")]))

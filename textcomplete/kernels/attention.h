@@ -1,4 +1,4 @@
-// Attention over the paged KV cache, as decode.cpp calls it: decode attention (each request's query heads,
+// Attention over the paged KV cache, as llama_step.h calls it: decode attention (each request's query heads,
 // one row a request, against its keys and values) and prompt attention (the rows of one request's prompt
 // chunk, causal). Needs only the vector helpers of quant/common.h, so that a standalone program can time it.
 #pragma once
@@ -366,13 +366,14 @@ inline void prompt_values(const float (*p)[kKeyTile], const float* rescale, int 
   }
 }
 
-// The rows of one request's prompt chunk against its keys: q [t, heads, dim] float32 holds the queries of
-// positions num_keys - t .. num_keys - 1, the cache [blocks, block_size, 2, kv_heads, dim] the keys and values
-// of positions 0 .. num_keys - 1 (those of the chunk already written) in the blocks `blocks` lists in order.
+// The rows of one request's prompt chunk against its keys: q [t, heads, dim] float32 (rows ldq floats apart)
+// holds the queries of positions num_keys - t .. num_keys - 1, the cache [blocks, block_size, 2, kv_heads, dim]
+// the keys and values of positions 0 .. num_keys - 1 (those of the chunk already written) in the blocks
+// `blocks` lists in order.
 // A query at position p sees keys p - window < k <= p (window 0: every k <= p). out [t, heads, dim].
 // `parallel(items, fn)` runs fn(begin, end) over [0, items) on the caller's threads.
 template <class T, class Parallel>
-void prompt_attention(const float* q, int64_t t, const T* cache, int64_t block_size, const int64_t* blocks,
+void prompt_attention(const float* q, int64_t ldq, int64_t t, const T* cache, int64_t block_size, const int64_t* blocks,
                       int64_t num_keys, int64_t heads, int64_t kv_heads, int64_t dim, int64_t window, float scale,
                       float* out, Parallel&& parallel) {
   const int64_t group = heads / kv_heads, slot_stride = 2 * kv_heads * dim, first_q = num_keys - t;
@@ -424,7 +425,7 @@ void prompt_attention(const float* q, int64_t t, const T* cache, int64_t block_s
           const float* qs[4];
           for (int i = 0; i < nq; ++i) {
             const int64_t v = a + i, row = r0 + v / group;
-            qs[i] = q + (row * heads + kv * group + v % group) * dim;
+            qs[i] = q + row * ldq + (kv * group + v % group) * dim;
           }
           prompt_scores(qs, nq, kt, dim, s);
           float rescale[4];

@@ -17,12 +17,9 @@ from typing import Callable
 
 import torch
 
+from textcomplete.kernels import DIRECT_ROWS
 from textcomplete.quant import formats as _formats
 
-# Up to this many rows of x a product streams the weights once, decoding blocks in registers (decode steps:
-# bandwidth-bound); wider ones decode tiles of weight rows once and multiply them with a float32 matmul.
-# Measured at 2048 x 8192 on 2 cores: the direct path is faster up to 8 rows, level at 12 to 16.
-DIRECT_ROWS = 8
 # The PyTorch path decodes this many float32 values of the weight at a time (bounds its scratch memory).
 _FALLBACK_CHUNK_VALUES = 1 << 21
 

@@ -36,7 +36,6 @@
 #endif
 
 #ifdef TCQ_AMX
-#include <ATen/Parallel.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -269,12 +268,11 @@ inline void amx_row_tile(const AmxPanel& p, int64_t ntiles, const AmxX& x, int64
 
 // The tiled product on tiles (see the top of this file): y [m, n] (row stride ldy) = x @ W.T for x [m, k].
 template <class F>
-void tiled_amx(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
+void tiled_amx(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n, float* yp,
+               int64_t ldy) {
   static_assert(F::kGroup == kAmxGroup, "AMX tiles take groups of 32 codes");
   constexpr int64_t G = kAmxGroup;
-  const int64_t m = x.size(0), ldy = y.stride(0);
-  const AmxX xa(x.data_ptr<float>(), m, k);
-  float* yp = y.data_ptr<float>();
+  const AmxX xa(x, m, k);
   const int64_t chunk = std::min<int64_t>(kAmxChunk, k) / F::kBlock * F::kBlock;
   parallel_pieces(n, kAmxRows, 1, [&](int64_t n0, int64_t n1) {
     const TileConfig config = tile_config();

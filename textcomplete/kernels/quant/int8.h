@@ -15,15 +15,13 @@
 // Every row of x reuses the decoded panel.
 #pragma once
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
 #include "common.h"
 #include "parallel.h"
 
@@ -69,7 +67,7 @@ constexpr int kRowBlock = 4;              // rows of x per pass over a panel
 // Row r of x [m, k] as int8 codes q, and per group of `group` values (16 or 32) the scale d of its
 // 32-block and d * (sum of the group's codes).
 inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, int8_t* q, float* dx, float* xs) {
-  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+  parallel_pieces(m, 1, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * k;
       int8_t* qr = q + r * k;
@@ -96,11 +94,10 @@ struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> dx, xs;
 
-  QuantizedRows(const at::Tensor& x, int64_t group)
-      : k(x.size(1)), ldg(x.size(1) / group), q(static_cast<size_t>(x.size(0) * x.size(1))),
-        dx(static_cast<size_t>(x.size(0) * ldg)), xs(dx.size()) {
-    TORCH_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
-    quantize_rows(x.data_ptr<float>(), x.size(0), k, group, q.data(), dx.data(), xs.data());
+  QuantizedRows(const float* x, int64_t m, int64_t k_, int64_t group)
+      : k(k_), ldg(k_ / group), q(static_cast<size_t>(m * k_)), dx(static_cast<size_t>(m * ldg)), xs(dx.size()) {
+    TCQ_CHECK(k % kActivationBlock == 0, "int8 activations: K = ", k, " is not a multiple of 32");
+    quantize_rows(x, m, k, group, q.data(), dx.data(), xs.data());
   }
   // Row r from value k0 on (k0 a multiple of the group).
   const int8_t* codes(int64_t r, int64_t k0) const { return q.data() + r * k + k0; }
@@ -264,18 +261,18 @@ inline void panel_product(const uint8_t* codes, const float* scale, const float*
 }
 #endif
 
-// y[M, N] = x @ W.T with x quantized to 8 bits (y may be a column range of a wider matrix: its row stride is
-// kept); F must have codes and K be a multiple of 32.
+// y[M, N] (row stride ldy: a column range of a wider matrix) = x [M, K] @ W.T with x quantized to 8 bits; F
+// must have codes and K be a multiple of 32.
 template <class F>
-void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
+void tiled_int8(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n, float* yp,
+                int64_t ldy) {
 #ifdef TCQ_INT8
   constexpr int64_t G = F::kGroup;
   constexpr bool Wide = CodeRange<F>::kWide;
   constexpr int Runs = CodeRange<F>::kRuns;
-  const QuantizedRows xq(x, G);
-  const int64_t m = x.size(0), ldg = xq.ldg, ldy = y.stride(0);
-  float* yp = y.data_ptr<float>();
-  y.zero_();
+  const QuantizedRows xq(x, m, k, G);
+  const int64_t ldg = xq.ldg;
+  for (int64_t r = 0; r < m; ++r) std::fill(yp + r * ldy, yp + r * ldy + n, 0.f);
   const int64_t chunk = std::min(k, std::max<int64_t>(F::kBlock, kInt8ChunkValues / F::kBlock * F::kBlock));
   parallel_pieces((n + kInt8TileRows - 1) / kInt8TileRows, 1, 1, [&](int64_t t0, int64_t t1) {
     static thread_local Int8Tile tile;
@@ -306,7 +303,7 @@ void tiled_int8(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, i
     }
   });
 #else
-  TORCH_CHECK(false, "int8 activations need AVX-512 VNNI or AVX2");
+  fail("int8 activations need AVX-512 VNNI or AVX2");
 #endif
 }
 

@@ -8,33 +8,34 @@
 //    taken once per group sum, the offsets from x's group sums (most read x reordered by their prepare_x).
 //  - tiled (many rows: prefill, compute-bound): a tile of weight rows is decoded once into the thread's
 //    float32 scratch and multiplied by all of x, in a micro-kernel of our own (gemm.h) on AVX-512 and on AVX2
-//    up to 256 rows of x, elsewhere with ATen's matmul run single-threaded inside the parallel loop; each tile
-//    writes its own columns of y (any row stride: the parts of a fused projection share one y). On a CPU with
-//    AMX, the formats with groups of 32 codes take the tile products instead (amx.h), as exact.
+//    up to 256 rows of x at a time, elsewhere in a portable loop; each tile writes its own columns of y (any row
+//    stride: the parts of a fused projection share one y). On a CPU with AMX, the formats with groups of 32
+//    codes take the tile products instead (amx.h), as exact.
 //  - with `int8`, x is quantized to 8 bits instead (int8.h): wide products of every format with integer
 //    codes take tiles of them, narrow ones of the formats with an in-register kernel (F::dot_int8) read the
 //    blocks directly, like the float32 direct path.
-// All parallelize over weight rows with every thread torch has. Each format is a struct in quant/<name>.h
+// All parallelize over weight rows with every thread of parallel.h. Each format is a struct in quant/<name>.h
 // (see quant/common.h) with a portable scalar decoder and vector ones for AVX-512 and AVX2; `portable`
 // forces the scalar one, which other machines always use. The 8-bit products need AVX-512 VNNI or AVX2.
 //
-// Layout contract (checked here and in textcomplete/quant/__init__.py):
+// Nothing here depends on torch: the torch extensions wrap these functions for tensors (torch_ops.h), the
+// library without torch for pointers from Python (native.cpp). Layout contract (checked here, in
+// torch_ops.h and in textcomplete/quant/__init__.py):
 //   x    [M, K] float32, contiguous
-//   raw  [N, row_bytes] uint8, rows of contiguous bytes (any row stride)
+//   W    N rows of row_bytes contiguous bytes each (any row stride: StoredPart)
+//   y    [M, N] float32, any row stride
 //   K    a multiple of the format's block size (any K for F32, F16, BF16)
 
 #pragma once
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "check.h"
 
 #include "bf16.h"
 #include "f16.h"
@@ -80,7 +81,7 @@ using Formats = FormatList<F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q
 template <class Fn, class... Fs>
 void with_format(FormatList<Fs...>, int64_t type, Fn&& fn) {
   const bool found = ((type == Fs::kType ? (fn(Fs{}), true) : false) || ...);
-  TORCH_CHECK(found, "quant_matmul: GGML type ", type, " has no native kernel");
+  TCQ_CHECK(found, "quant_matmul: GGML type ", type, " has no native kernel");
 }
 
 template <class... Fs>
@@ -92,7 +93,7 @@ std::vector<int64_t> type_ids(FormatList<Fs...>) {
 template <class F>
 int64_t row_bytes(int64_t k) {
   if (F::kValueBytes > 0) return k * F::kValueBytes;
-  TORCH_CHECK(k % F::kBlock == 0, "quant_matmul: K = ", k, " is not a multiple of the block size ", F::kBlock);
+  TCQ_CHECK(k % F::kBlock == 0, "quant_matmul: K = ", k, " is not a multiple of the block size ", F::kBlock);
   return k / F::kBlock * F::kBytes;
 }
 
@@ -244,11 +245,9 @@ struct GroupSums {
   int64_t ldg;
   std::vector<float> xs;
 
-  GroupSums(const at::Tensor& x, int64_t group)
-      : ldg(x.size(1) / group), xs(static_cast<size_t>(x.size(0) * ldg)) {
-    const float* xp = x.data_ptr<float>();
+  GroupSums(const float* x, int64_t m, int64_t k, int64_t group) : ldg(k / group), xs(static_cast<size_t>(m * ldg)) {
     for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
-      const float* v = xp + i / ldg * x.size(1) + i % ldg * group;
+      const float* v = x + i / ldg * k + i % ldg * group;
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t l = 0; l < group; ++l) sum += v[l];
@@ -397,32 +396,44 @@ void direct_int8_range(const QuantizedRows& xq, int64_t m, int64_t k, const uint
 }
 #endif
 
-// One stored matrix of a product whose output is its matrices' outputs side by side.
+// One stored matrix of a product whose output is its matrices' outputs side by side: `rows` rows of
+// `row_bytes` contiguous bytes, `stride` bytes apart, in the block format of GGML type `type`.
 struct StoredPart {
-  at::Tensor raw;   // uint8 [n, row_bytes]
-  int64_t type;     // its GGML type
+  const uint8_t* data;
+  int64_t rows, row_bytes, stride, type;
 };
 
-inline void check_inputs(const at::Tensor& raw, int64_t k, int64_t bytes);
+// Checks that a part's rows hold k values of its format.
+inline void check_part(const StoredPart& p, int64_t k) {
+  with_format(Formats{}, p.type, [&](auto f) {
+    const int64_t bytes = row_bytes<decltype(f)>(k);
+    TCQ_CHECK(p.row_bytes == bytes, "quant_matmul: a row of ", k, " values takes ", bytes, " bytes, got ",
+              p.row_bytes);
+  });
+  TCQ_CHECK(p.rows >= 0 && (p.rows <= 1 || p.stride >= p.row_bytes) && (p.rows == 0 || p.data != nullptr),
+            "quant_matmul: weight rows must be contiguous bytes, got a row stride of ", p.stride, " for rows of ",
+            p.row_bytes);
+}
 
-// Direct path: y [m, sum of the parts' rows] = x @ [W_0; W_1; ...].T in one parallel region, each weight byte
-// read once; with `int8`, the formats with an in-register 8-bit kernel quantize x (once per group size).
-inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart>& parts, bool portable, bool int8) {
-  const int64_t m = x.size(0), k = x.size(1);
+// Direct path: y [m, sum of the parts' rows] (contiguous) = x @ [W_0; W_1; ...].T in one parallel region, each
+// weight byte read once; with `int8`, the formats with an in-register 8-bit kernel quantize x (once per group
+// size).
+inline void direct_parts(const float* xp, int64_t m, int64_t k, const std::vector<StoredPart>& parts, float* yp,
+                         bool portable, bool int8) {
   std::vector<int64_t> first{0};
   for (const StoredPart& p : parts) {
-    with_format(Formats{}, p.type, [&](auto f) { check_inputs(p.raw, k, row_bytes<decltype(f)>(k)); });
-    first.push_back(first.back() + p.raw.size(0));
+    check_part(p, k);
+    first.push_back(first.back() + p.rows);
   }
   const int64_t n = first.back();
-  at::Tensor y = at::zeros({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
+  std::fill(yp, yp + m * n, 0.f);
+  if (m == 0 || n == 0) return;
   const bool quantize = int8 && !portable && int8_available();
   // x in 8 bits for each group size a part needs (16 or 32), made before the threads start.
   std::vector<std::pair<int64_t, QuantizedRows>> quantized;
   auto quantized_for = [&](int64_t group) -> const QuantizedRows& {
     for (const auto& q : quantized) if (q.first == group) return q.second;
-    TORCH_CHECK(false, "quant_matmul: x was not quantized for groups of ", group);
+    fail("quant_matmul: x was not quantized for groups of ", group);
   };
   if (quantize) {
     for (const StoredPart& p : parts) {
@@ -430,7 +441,7 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
         using F = decltype(f);
         if constexpr (HasInt8Direct<F>::value) {
           const bool have = std::any_of(quantized.begin(), quantized.end(), [](const auto& q) { return q.first == F::kGroup; });
-          if (!have) quantized.emplace_back(F::kGroup, QuantizedRows(x, F::kGroup));
+          if (!have) quantized.emplace_back(F::kGroup, QuantizedRows(xp, m, k, F::kGroup));
         }
       });
     }
@@ -446,15 +457,17 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
       with_format(Formats{}, p.type, [&](auto f) {
         using F = decltype(f);
         if constexpr (HasFloatDot<F>::value) {
-          if (!(quantize && HasInt8Direct<F>::value) && sums_for(F::kGroup) == nullptr) summed.emplace_back(F::kGroup, GroupSums(x, F::kGroup));
+          if (!(quantize && HasInt8Direct<F>::value) && sums_for(F::kGroup) == nullptr) {
+            summed.emplace_back(F::kGroup, GroupSums(xp, m, k, F::kGroup));
+          }
         }
       });
     }
   }
   // x in the order of each format's dot_float that has one (HasPreparedX), made where its sums are.
-  std::vector<std::pair<int64_t, at::Tensor>> prepared;
+  std::vector<std::pair<int64_t, std::vector<float>>> prepared;
   auto prepared_for = [&](int64_t type) -> const float* {
-    for (const auto& p : prepared) if (p.first == type) return p.second.data_ptr<float>();
+    for (const auto& p : prepared) if (p.first == type) return p.second.data();
     return nullptr;
   };
   if (!portable) {
@@ -463,16 +476,14 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
         using F = decltype(f);
         if constexpr (HasFloatDot<F>::value && HasPreparedX<F>::value) {
           if (sums_for(F::kGroup) != nullptr && prepared_for(F::kType) == nullptr) {
-            at::Tensor out = at::empty_like(x);
-            for (int64_t r = 0; r < m; ++r) F::prepare_x(x.data_ptr<float>() + r * k, out.data_ptr<float>() + r * k, k);
+            std::vector<float> out(static_cast<size_t>(m * k));
+            for (int64_t r = 0; r < m; ++r) F::prepare_x(xp + r * k, out.data() + r * k, k);
             prepared.emplace_back(F::kType, std::move(out));
           }
         }
       });
     }
   }
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   // A tiny matrix is read faster than a thread pool wakes: split only products of at least kParallelValues
   // weights per thread. Measured on SmolLM2-135M's decode (matrices of 0.1-0.9M weights): 2^16 takes the
   // native layers from 13.2 to 8.1 ms a token against 2^20 (one thread for every matrix); 2^14 and 2^17 are
@@ -482,8 +493,8 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
       if (lo >= hi) continue;
-      const uint8_t* w = parts[i].raw.data_ptr<uint8_t>();
-      const int64_t ldw = parts[i].raw.stride(0);
+      const uint8_t* w = parts[i].data;
+      const int64_t ldw = parts[i].stride;
       with_format(Formats{}, parts[i].type, [&](auto f) {
         using F = decltype(f);
 #ifdef TCQ_INT8
@@ -503,27 +514,7 @@ inline at::Tensor direct_parts(const at::Tensor& x, const std::vector<StoredPart
       });
     }
   });
-  return y;
 }
-
-// While alive, BLAS calls from this thread run on it alone. Torch turns off MKL's dynamic team sizing (so
-// that MKL's threads persist between calls), and an MKL call inside a parallel region then runs a nested
-// team of its own: measured 3-5x slower than one thread. MKL's thread-local setting undoes that; without
-// MKL the lookup finds nothing and other BLAS libraries already stay on the calling thread.
-class OneBlasThread {
- public:
-  OneBlasThread() : saved_(set_ ? set_(1) : 0) {}
-  ~OneBlasThread() {
-    if (set_) set_(saved_);
-  }
-  OneBlasThread(const OneBlasThread&) = delete;
-  OneBlasThread& operator=(const OneBlasThread&) = delete;
-
- private:
-  using SetLocal = int (*)(int);   // MKL's C entry point (the lower-case name takes a pointer)
-  static inline const SetLocal set_ = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
-  const int saved_;
-};
 
 // The tiled paths hand out weight rows in pieces of whole multiples of this many (micro-kernel blocks of 6
 // or 12 rows) as threads free up (parallel_pieces), each piece walked in tiles. Handed out a tile at a time,
@@ -554,12 +545,11 @@ constexpr int64_t kGemmOutBytes = 512 << 10;
 // The tiled path with the micro-kernel (gemm.h): x transposed once, then each thread decodes tiles of weight rows a
 // K-chunk at a time and multiplies them by xt in the micro-kernel, its output transposed into y per tile.
 template <class F>
-void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y) {
-  const int64_t m = x.size(0), mp = padded_rows(m), ldy = y.stride(0);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const at::Tensor transposed = at::empty({k, mp}, x.options());
-  float* xt = transposed.data_ptr<float>();
+void tiled_fma(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n, float* yp,
+               int64_t ldy) {
+  const int64_t mp = padded_rows(m);
+  const std::unique_ptr<float[]> transposed(new float[k * mp]);   // not zeroed: every value is written
+  float* xt = transposed.get();
   parallel_pieces(k, 16, 1024, [&](int64_t k0, int64_t k1) { transpose_x(xp, m, k, mp, xt, k0, k1); });
   // Tiles of whole pieces, so that only a product's last tile ends in a partial micro-kernel block.
   const int64_t rows =
@@ -591,125 +581,100 @@ void tiled_fma(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, in
 }
 #endif
 
-// Tiled path: tiled_fma where gemm.h has a micro-kernel for this many rows of x; elsewhere (and with
-// `portable`) each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32 scratch and
-// multiplies all of x by them with ATen's matmul, single-threaded inside the parallel loop, accumulating into
-// the tile's columns of y. F32 weights are multiplied in place by one multi-threaded call.
+// Portable tiled path: each thread decodes tiles of weight rows (a K-chunk at a time) into its own float32
+// scratch and multiplies every row of x by them, accumulating into the tile's columns of y.
 template <class F>
-void tiled(const at::Tensor& x, const uint8_t* w, int64_t ldw, int64_t n, int64_t k, at::Tensor& y, bool portable) {
-  if constexpr (std::is_same_v<F, F32>) {
-    if (reinterpret_cast<uintptr_t>(w) % alignof(float) == 0 && ldw % sizeof(float) == 0) {
-      // Read in place: the matmul only reads its operands (the bytes may be a read-only map).
-      const at::Tensor weight = at::from_blob(const_cast<uint8_t*>(w), {n, k}, {ldw / 4, 1}, x.options());
-      at::mm_out(y, x, weight.t());
-      return;
-    }
-  }
-#ifdef TCQ_AMX
-  if constexpr (HasCodes<F>::value) {
-    if constexpr (F::kGroup == kAmxGroup) {
-      if (!portable && amx_enabled()) return tiled_amx<F>(x, w, ldw, n, k, y);
-    }
-  }
-#endif
-#ifdef TCQ_VECTOR
-  if (!portable && x.size(0) <= kGemmMaxRows) return tiled_fma<F>(x, w, ldw, n, k, y);
-#endif
+void tiled_portable(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n, float* yp,
+                    int64_t ldy, bool portable) {
   const int64_t rows = kTileRows, cols = tile_cols<F>(k);
-  // Inference mode is per thread: the pool's threads take the caller's, or ATen refuses to write into an
-  // inference tensor (the engine's steps run under torch.inference_mode).
-  const bool inference = c10::InferenceMode::is_enabled();
   parallel_pieces(n, kTiledPieceRows, 1, [&](int64_t n0, int64_t n1) {
-    const c10::InferenceMode mode(inference);
-    const OneBlasThread one_blas_thread;
     // Kept between calls: a fresh buffer this size is a fresh mapping, and faulting its pages in costs
     // more than decoding into it.
     static thread_local std::vector<float> buffer;
     buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(rows * cols)));
     for (int64_t first = n0; first < n1; first += rows) {
       const int64_t count = std::min(rows, n1 - first);
-      at::Tensor out = y.narrow(1, first, count);
       for (int64_t k0 = 0; k0 < k; k0 += cols) {
         const int64_t width = std::min(cols, k - k0);
         const uint8_t* chunk = w + first * ldw + k0 / F::kBlock * F::kBytes;
-        if (k0 + width < k) {
-          prefetch_rows(chunk + row_bytes<F>(width), count, row_bytes<F>(std::min(cols, k - k0 - width)), ldw);
-        }
         for (int64_t r = 0; r < count; ++r) decode_row<F>(chunk + r * ldw, width, buffer.data() + r * width, portable);
-        const at::Tensor part = at::from_blob(buffer.data(), {count, width}, x.options()).t();
-        if (k0 == 0) {
-          at::mm_out(out, x.narrow(1, 0, width), part);
-        } else {
-          out.addmm_(x.narrow(1, k0, width), part);
+        for (int64_t i = 0; i < m; ++i) {
+          const float* xr = xp + i * k + k0;
+          float* yr = yp + i * ldy + first;
+          for (int64_t j = 0; j < count; ++j) {
+            const float* wr = buffer.data() + j * width;
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < width; ++c) sum += xr[c] * wr[c];
+            yr[j] = k0 == 0 ? sum : yr[j] + sum;
+          }
         }
       }
     }
   });
 }
 
-inline void check_inputs(const at::Tensor& raw, int64_t k, int64_t bytes) {
-  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2,
-              "quant_matmul: weights must be a 2-D uint8 CPU tensor, got ", raw.scalar_type(), " ", raw.sizes());
-  TORCH_CHECK(raw.size(1) == bytes, "quant_matmul: a row of ", k, " values takes ", bytes, " bytes, got ",
-              raw.size(1));
-  TORCH_CHECK(raw.stride(1) == 1 && (raw.size(0) <= 1 || raw.stride(0) >= bytes),
-              "quant_matmul: weight rows must be contiguous bytes, got strides ", raw.strides());
+// Tiled path: AMX tiles for the formats they take (amx.h), else tiled_fma in blocks of the rows of x that
+// gemm.h's micro-kernel takes, else (and with `portable`) the portable loop.
+template <class F>
+void tiled(const float* xp, int64_t m, int64_t k, const uint8_t* w, int64_t ldw, int64_t n, float* yp, int64_t ldy,
+           bool portable) {
+#ifdef TCQ_AMX
+  if constexpr (HasCodes<F>::value) {
+    if constexpr (F::kGroup == kAmxGroup) {
+      if (!portable && amx_enabled()) return tiled_amx<F>(xp, m, k, w, ldw, n, yp, ldy);
+    }
+  }
+#endif
+#ifdef TCQ_VECTOR
+  if (!portable) {
+    for (int64_t r = 0; r < m; r += std::min(m, kGemmMaxRows)) {
+      tiled_fma<F>(xp + r * k, std::min(m - r, kGemmMaxRows), k, w, ldw, n, yp + r * ldy, ldy);
+    }
+    return;
+  }
+#endif
+  tiled_portable<F>(xp, m, k, w, ldw, n, yp, ldy, portable);
 }
 
-// y [M, sum of the parts' rows] = x @ [W_0; W_1; ...].T: the direct path for at most direct_rows rows of x (one
-// parallel region), else each part's tiled product written straight into its columns of y, so that a fused
-// projection (q/k/v, gate/up) needs no concatenation afterwards (on a 130-token prefill of the 1.7B shape, the
-// concatenations took 85 ms of 3 s).
-inline at::Tensor matmul_parts(const at::Tensor& x, const std::vector<StoredPart>& parts, int64_t k,
-                               int64_t direct_rows, bool portable, bool int8 = false) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k,
-              "quant_matmul: x must be float32 [M, ", k, "], got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "quant_matmul: x must be contiguous, got strides ", x.strides());
-  TORCH_CHECK(!parts.empty(), "quant_matmul: no matrices");
-  if (x.size(0) <= direct_rows) return direct_parts(x, parts, portable, int8);
+// y [M, sum of the parts' rows] (contiguous) = x @ [W_0; W_1; ...].T: the direct path for at most direct_rows rows
+// of x (one parallel region), else each part's tiled product written straight into its columns of y, so that a
+// fused projection (q/k/v, gate/up) needs no concatenation afterwards (on a 130-token prefill of the 1.7B shape,
+// the concatenations took 85 ms of 3 s).
+inline void matmul_parts(const float* x, int64_t m, int64_t k, const std::vector<StoredPart>& parts, float* y,
+                         int64_t direct_rows, bool portable, bool int8 = false) {
+  TCQ_CHECK(!parts.empty(), "quant_matmul: no matrices");
+  if (m <= direct_rows) return direct_parts(x, m, k, parts, y, portable, int8);
   int64_t total = 0;
   for (const StoredPart& p : parts) {
-    with_format(Formats{}, p.type, [&](auto f) { check_inputs(p.raw, k, row_bytes<decltype(f)>(k)); });
-    total += p.raw.size(0);
+    check_part(p, k);
+    total += p.rows;
   }
-  at::Tensor y = at::empty({x.size(0), total}, x.options());
   int64_t first = 0;
   for (const StoredPart& p : parts) {
-    const int64_t n = p.raw.size(0);
-    at::Tensor out = y.narrow(1, first, n);
+    const int64_t n = p.rows;
+    float* out = y + first;
     first += n;
-    if (x.size(0) == 0 || n == 0) continue;
+    if (m == 0 || n == 0) continue;
     with_format(Formats{}, p.type, [&](auto f) {
       using F = decltype(f);
-      const uint8_t* w = p.raw.data_ptr<uint8_t>();
       if constexpr (HasCodes<F>::value) {
-        if (int8 && !portable && int8_available()) return tiled_int8<F>(x, w, p.raw.stride(0), n, k, out);
+        if (int8 && !portable && int8_available()) return tiled_int8<F>(x, m, k, p.data, p.stride, n, out, total);
       }
-      tiled<F>(x, w, p.raw.stride(0), n, k, out, portable);
+      tiled<F>(x, m, k, p.data, p.stride, n, out, total, portable);
     });
   }
-  return y;
 }
 
-inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t type, int64_t k, int64_t direct_rows,
-                         bool portable, bool int8 = false) {
-  return matmul_parts(x, {StoredPart{raw, type}}, k, direct_rows, portable, int8);
-}
-
-inline at::Tensor dequantize(const at::Tensor& raw, int64_t type, int64_t k, bool portable) {
-  at::Tensor y;
-  with_format(Formats{}, type, [&](auto f) {
+// y [N, K] (contiguous) = the stored part's rows decoded to float32.
+inline void dequantize(const StoredPart& p, int64_t k, float* y, bool portable) {
+  check_part(p, k);
+  with_format(Formats{}, p.type, [&](auto f) {
     using F = decltype(f);
-    check_inputs(raw, k, row_bytes<F>(k));
-    const int64_t n = raw.size(0);
-    y = at::empty({n, k}, at::kFloat);
-    const uint8_t* w = raw.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, n, std::max<int64_t>(1, kDecodeGrain / k), [&](int64_t n0, int64_t n1) {
-      for (int64_t j = n0; j < n1; ++j) decode_row<F>(w + j * raw.stride(0), k, yp + j * k, portable);
+    parallel_pieces(p.rows, 1, std::max<int64_t>(1, kDecodeGrain / std::max<int64_t>(1, k)), [&](int64_t n0, int64_t n1) {
+      for (int64_t j = n0; j < n1; ++j) decode_row<F>(p.data + j * p.stride, k, y + j * k, portable);
     });
   });
-  return y;
 }
 
 // The GGML type ids whose narrow products (at most direct_rows rows) multiply 8-bit x in registers.
