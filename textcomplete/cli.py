@@ -59,16 +59,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_engine(args: argparse.Namespace) -> int:
-    import torch
-
     from textcomplete.bench import engine_bench
     from textcomplete.engine.engine import LLMEngine
     engine = LLMEngine(_engine_config(args))
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results = engine_bench.run(engine, batches, args.decode_steps, args.prompt_len)
     shared = engine_bench.measure_shared_prefix(engine) if args.shared_prefix else None
-    print(f"model {engine.loaded.name} ({engine.loaded.architecture}, {engine.loaded.dtype}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    threads = args.threads or os.cpu_count()
+    print(f"model {engine.description}, {threads} threads, {platform.processor() or platform.machine()}")
     print(engine_bench.format_table(results))
     if shared is not None:
         print(shared.format())
@@ -163,7 +161,7 @@ def _serve_settings(args: argparse.Namespace):
 
 def _bench_tokenizer(model: str):
     from textcomplete.models.gguf_file import GGUFFile
-    from textcomplete.models.loader import resolve_source
+    from textcomplete.models.sources import resolve_source
     from textcomplete.tokenizer import Tokenizer
     path = resolve_source(model)
     if path.is_file():

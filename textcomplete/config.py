@@ -47,6 +47,11 @@ class EngineConfig:
                 "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights, decode steps on Q4_K, Q5_K and Q6_K (with AVX2: "
                 "on all of them; with AVX-512 the others are as fast in float32 there); CPUs with AVX-512 VNNI "
                 "or AVX2 (others stay float32)."})
+    backend: str = field(default="auto", metadata={
+        "help": "How the model runs: native (a dense Llama-family GGUF file: Llama, Mistral, SmolLM, Qwen2, "
+                "Qwen3, with every matrix in a format the native kernels run, served by a library built from "
+                "those kernels without loading torch, whose runtime alone is about 220 MiB of memory), torch "
+                "(PyTorch modules: every model, device and option), or auto (native where it can, else torch)."})
     native_decode: bool = field(default=True, metadata={
         "help": "Run decode steps of Llama-family models in float32 through fused C++ layers, and the attention "
                 "of prompt chunks through C++ too, compiled with the machine's C++ compiler on first use (about "
@@ -75,11 +80,13 @@ class EngineConfig:
     seed: int = field(default=0, metadata={
         "help": "Seed of the generator shared by requests that bring no seed of their own."})
     threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch; default: torch's own choice."})
+        "help": "CPU threads of the kernels; default: one a core."})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.backend not in ("auto", "native", "torch"):
+            raise ValueError(f"backend must be auto, native or torch, not {self.backend!r}")
         if self.activations not in ("float32", "int8"):
             raise ValueError(f"activations must be float32 or int8, not {self.activations!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):

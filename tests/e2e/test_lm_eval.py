@@ -54,7 +54,7 @@ def lm_eval_run(server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     import transformers as tf
-    from textcomplete.models.loader import default_model_path
+    from textcomplete.models.sources import default_model_path
     path = default_model_path()
     tok = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

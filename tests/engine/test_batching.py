@@ -9,7 +9,7 @@ import pytest
 from tests.tiny_models import VOCAB
 from textcomplete.config import EngineConfig
 from textcomplete.engine.engine import LLMEngine
-from textcomplete.engine.runner import kv_bytes_per_block
+from textcomplete.engine.engine import kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
 
 
@@ -80,7 +80,7 @@ def test_smollm2_greedy_and_seeded_batch_invariance(smollm_engine):
 
 def test_64_requests_complete_under_a_cache_for_8(tiny_model_dir):
     probe = tiny_engine(tiny_model_dir)
-    bytes_per_block = kv_bytes_per_block(probe.loaded.spec, 16, probe.loaded.dtype)
+    bytes_per_block = kv_bytes_per_block(probe.spec, 16, probe.loaded.dtype.itemsize)
     prompts = random_prompts(64, seed=3, low=20, high=40)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     # Each request grows to at most 80 tokens = 5 blocks; the cache holds 8 such requests.

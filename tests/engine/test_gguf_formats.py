@@ -76,7 +76,9 @@ def test_gguf_f32_gives_the_same_logprobs_as_the_hf_checkpoint(tiny_llama_256, t
         engine = LLMEngine(EngineConfig(model=str(source), kv_cache_memory=8 << 20))
         [outs] = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))
         results.append([e.logprob for o in outs for e in o.prompt_logprobs])
-    assert results[0] == pytest.approx(results[1], abs=1e-5)
+    # The checkpoint runs on the PyTorch backend (float32 matmuls), the GGUF file on the native one (the F32
+    # format's kernels): the same values, summed in another order, so float32 rounding apart
+    assert results[0] == pytest.approx(results[1], abs=1e-5, rel=5e-6)
 
 
 def test_gguf_tokenizer_from_metadata(tiny_llama_256, tmp_path):

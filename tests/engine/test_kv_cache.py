@@ -11,7 +11,7 @@ import torch
 from tests.engine.test_batching import mixed_params, random_prompts, tiny_engine, tokens_of
 from tests.engine.test_native_decode import native_calls  # noqa: F401 - a fixture
 from textcomplete.engine.engine import default_kv_memory
-from textcomplete.engine.runner import kv_bytes_per_block
+from textcomplete.engine.engine import kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
 
 
@@ -68,7 +68,7 @@ def test_the_cache_asks_for_small_pages(tiny_model_dir):
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
 def test_a_16_bit_cache_halves_memory_and_stays_close(tiny_model_dir, native_calls, kv_dtype):
-    memory = 64 * kv_bytes_per_block(tiny_engine(tiny_model_dir).loaded.spec, 16, torch.float32)
+    memory = 64 * kv_bytes_per_block(tiny_engine(tiny_model_dir).spec, 16, 4)
     full = tiny_engine(tiny_model_dir, kv_cache_memory=memory, enable_prefix_caching=False)
     half = tiny_engine(tiny_model_dir, kv_cache_memory=memory, kv_cache_dtype=kv_dtype, enable_prefix_caching=False)
     plain = tiny_engine(tiny_model_dir, kv_cache_memory=memory, kv_cache_dtype=kv_dtype, native_decode=False,

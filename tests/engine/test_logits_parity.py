@@ -45,7 +45,7 @@ def test_tiny_model_prompt_logprobs_match_transformers(tiny_model_dir, arch, chu
 @pytest.mark.slow
 def test_smollm2_gguf_prompt_logprobs_match_transformers(smollm_engine):
     import transformers as tf
-    path = smollm_engine.loaded.path
+    path = smollm_engine.model_path
     text = "The capital of France is Paris. It is known for the Eiffel Tower, 1889, and café culture.\n"
     ids = smollm_engine.tokenizer.encode(text * 3)
     model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -57,7 +57,7 @@ def test_smollm2_gguf_prompt_logprobs_match_transformers(smollm_engine):
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizer_matches_transformers(smollm_engine):
     import transformers as tf
-    path = smollm_engine.loaded.path
+    path = smollm_engine.model_path
     reference = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in ["Hello world", "  leading spaces\n\nand 12345 digits", "café ünïcödé 日本語 🙂",
                  "<|im_start|>user\nhi<|im_end|>", "x=1;y=22;z=333", "don't I'll we've"]:

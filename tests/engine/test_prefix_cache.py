@@ -6,7 +6,7 @@ import random
 
 from tests.engine.test_batching import tiny_engine, tokens_of
 from tests.tiny_models import VOCAB
-from textcomplete.engine.runner import kv_bytes_per_block
+from textcomplete.engine.engine import kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
 
 BLOCK = 16
@@ -67,7 +67,7 @@ def test_a_whole_cached_prompt_still_computes_its_last_token(tiny_model_dir):
 
 def test_eviction_under_memory_pressure(tiny_model_dir):
     probe = tiny_engine(tiny_model_dir)
-    per_block = kv_bytes_per_block(probe.loaded.spec, BLOCK, probe.loaded.dtype)
+    per_block = kv_bytes_per_block(probe.spec, BLOCK, probe.loaded.dtype.itemsize)
     engine = tiny_engine(tiny_model_dir, kv_cache_memory=12 * per_block)   # 12 blocks = 192 tokens
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [ids(60, seed=100 + i) for i in range(10)]

@@ -49,9 +49,10 @@ def as_written(hf_dir: Path, gguf_path: Path, qtype: QType, directory: Path) -> 
 def test_stored_formats_match_transformers_on_their_values(tiny_llama_256, tmp_path, qtype):
     path = tmp_path / "m.gguf"
     reference = as_written(tiny_llama_256, path, qtype, tmp_path / "reference")
-    model = make_engine(path).loaded.model
+    model = make_engine(path, backend="torch").loaded.model
     assert any(isinstance(m, StoredLinear) for m in model.modules())
-    check_parity(path, reference, prompt_len=60, decode_steps=8)
+    check_parity(path, reference, prompt_len=60, decode_steps=8)                   # the native backend
+    check_parity(path, reference, prompt_len=60, decode_steps=8, backend="torch")
 
 
 @pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q8_0, QType.BF16], ids=lambda q: q.name)
@@ -59,7 +60,7 @@ def test_native_decode_on_stored_weights_matches_pytorch_layers(tiny_llama_256, 
     """The fused decode layers read the stored formats with the same kernels as the PyTorch layers."""
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, qtype)
-    native, plain = make_engine(path, 64), make_engine(path, 64, native_decode=False)
+    native, plain = make_engine(path, 64, backend="torch"), make_engine(path, 64, native_decode=False)
     assert native.loaded.model.native_decode is not None and plain.loaded.model.native_decode is None
     prompts = random_prompts(6, seed=5, low=1, high=70)
     params = [dataclasses.replace(mixed_params(i), logprobs=3) for i in range(6)]
@@ -77,7 +78,6 @@ def test_the_avx2_build_serves_what_the_native_build_serves(tiny_llama_256, tmp_
                                                              qtype):
     """A machine without AVX-512 runs the AVX2 decoders in every step (prefill through quant_matmul, decode
     through the fused layers): the same tokens and, to float32 rounding, the same log-probabilities."""
-    import textcomplete.engine.engine as engine_module
     import textcomplete.kernels as kernels
     if not kernels.target_supported("avx2"):
         pytest.skip("this CPU does not run AVX2 code")
@@ -94,12 +94,12 @@ def test_the_avx2_build_serves_what_the_native_build_serves(tiny_llama_256, tmp_
         # 8.3e-4 for the float32 micro-kernels); the AVX2 kernels are held to the float32 ones.
         without_amx = kernels.quant_matmul("avx512")
         monkeypatch.setattr(kernels, "quant_matmul", lambda: without_amx)
-    want = make_engine(path, 64).generate(prompts, params)
+    want = make_engine(path, 64, backend="torch").generate(prompts, params)
     assert avx2_decode.vector_lanes() == 8 and avx2_matmul.vector_lanes() == 8
-    monkeypatch.setattr(engine_module, "decode_layers", lambda: avx2_decode)
+    monkeypatch.setattr(kernels, "decode_layers", lambda: avx2_decode)
     lookups = []
     monkeypatch.setattr(kernels, "quant_matmul", lambda: lookups.append(1) or avx2_matmul)
-    engine = make_engine(path, 64)
+    engine = make_engine(path, 64, backend="torch")
     assert engine.loaded.model.native_decode.kernels is avx2_decode
     native_calls.clear()
     lookups.clear()
@@ -139,7 +139,7 @@ def test_int8_activations_move_logprobs_a_little(tiny_llama_256, tmp_path):
     steps): the log-probabilities of the prompt and of the generated tokens move by that rounding, not more."""
     path = tmp_path / "m.gguf"
     write_llama_gguf(tiny_llama_256, path, QType.Q4_K)
-    exact, fast = make_engine(path, 64), make_engine(path, 64, activations="int8")
+    exact, fast = make_engine(path, 64, backend="torch"), make_engine(path, 64, activations="int8", backend="torch")
     assert sum(getattr(m, "int8", False) for m in fast.loaded.model.modules()) == 2 * 7 + 1   # + lm_head
     assert exact.fingerprint != fast.fingerprint
     prompt = random_prompts(1, seed=9, low=60, high=60)[0]
@@ -242,7 +242,7 @@ def _vm_flags(address: int) -> list[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_weights_are_mapped_as_the_file_holds_them_asking_for_huge_pages(tmp_path):
-    from textcomplete.quant.stored import map_weights
+    from textcomplete.models.mapping import map_weights
     path = tmp_path / "weights.bin"
     payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
     path.write_bytes(payload.tobytes())

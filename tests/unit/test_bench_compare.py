@@ -167,14 +167,16 @@ def test_the_report_lists_every_round_and_its_ratio(tmp_path):
 
 def test_kernels_are_built_before_any_server_is_timed_and_the_report_says_which(monkeypatch):
     from textcomplete import kernels
+    from textcomplete.kernels import library
     calls = []
+    monkeypatch.setattr(library, "load", lambda: calls.append("library") or object())
     monkeypatch.setattr(kernels, "decode_layers", lambda: calls.append("decode") or object())
     monkeypatch.setattr(kernels, "quant_matmul", lambda: calls.append("quant_matmul") or object())
     line = compare.build_native_kernels()
-    assert calls == ["decode", "quant_matmul"]
-    assert "decode and block-format" in line and "exclude the once-per-machine build" in line
-    monkeypatch.setattr(kernels, "decode_layers", lambda: None)
-    monkeypatch.setattr(kernels, "quant_matmul", lambda: None)
+    assert calls == ["library", "decode", "quant_matmul"]
+    assert "native backend" in line and "block-format" in line and "exclude the once-per-machine build" in line
+    for name, module in (("decode_layers", kernels), ("quant_matmul", kernels), ("load", library)):
+        monkeypatch.setattr(module, name, lambda: None)
     assert "PyTorch fallback" in compare.build_native_kernels()
 
 

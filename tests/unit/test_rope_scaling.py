@@ -3,12 +3,17 @@ module produces, for real-model-like configs built through our model classes (co
 
 Length-dependent kinds are checked where our one-time choice must equal transformers' per-length one:
 longrope's short factors within the original length and long ones beyond it, dynamic NTK at a grown length.
+The torch-free `RopeFrequencies` must give the torch module's cos/sin bit for bit, and import no torch.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -17,6 +22,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from textcomplete.models.layers import RotaryEmbedding
 from textcomplete.models.llama import LlamaForCausalLM, rope_settings
 from textcomplete.models.phi3 import Phi3ForCausalLM
+from textcomplete.models.rope import RopeFrequencies
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def llama_config(rope, max_positions: int = 8192, head_dim: int = 128, theta: float = 500000.0):
@@ -73,10 +81,31 @@ def assert_matches(config, context: int, reference_len: int | None = None) -> Ro
     cos_ref, sin_ref = reference_cos_sin(config, length)
     cos, signed_sin = (t[:, 0] for t in rotary.cos_sin(torch.arange(length), torch.float32))
     half = rotary.rotary_dim // 2
-    torch.testing.assert_close(cos, cos_ref, rtol=0, atol=2e-6)
-    torch.testing.assert_close(torch.cat((-signed_sin[:, :half], signed_sin[:, half:]), -1), sin_ref,
-                               rtol=0, atol=2e-6)
+    drift = frequency_drift(rotary, inv_freq, length)
+    assert_within(cos, cos_ref, 2e-6 + drift)
+    assert_within(torch.cat((-signed_sin[:, :half], signed_sin[:, half:]), -1), sin_ref, 2e-6 + drift)
     return rotary
+
+
+def frequency_drift(rotary: RotaryEmbedding, reference: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, rotary_dim]: how far cos and sin may move where our frequency differs from the reference's.
+
+    Our powers base ** (2i / dim) are correctly rounded; torch's float32 pow, which transformers uses, is up to
+    0.57 ulp off, so a pair's frequency may differ by an ulp (bounded by the rtol above). Its float32 angle at
+    position p then differs by p times that plus a rounding step of the angle; other pairs' angles are equal.
+    """
+    positions = torch.arange(length)[:, None]
+    angles = positions.float() * rotary.inv_freq
+    step = torch.nextafter(angles, torch.tensor(float("inf"))) - angles
+    moved = rotary.inv_freq != reference
+    drift = (positions * (rotary.inv_freq - reference).abs() + step) * moved * rotary.attention_scaling
+    return torch.cat((drift, drift), dim=-1).double()
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, tolerance: torch.Tensor) -> None:
+    excess = (got.double() - want.double()).abs() - tolerance
+    assert excess.max() <= 0, f"{(excess > 0).sum()} of {excess.numel()} values beyond the tolerance, by up to " \
+                              f"{excess.max():.3g}, first at {tuple(int(i) for i in (excess > 0).nonzero()[0])}"
 
 
 def test_default_and_linear():
@@ -167,3 +196,49 @@ def test_yarn_stretches_the_served_context_and_gguf_keeps_it(tmp_path):
            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
     assert LlamaForCausalLM.spec_from_config(cfg).max_position_embeddings == 131072
     assert LlamaForCausalLM.spec_from_config({**cfg, "rope_scaling": None}).max_position_embeddings == 32768
+
+
+def _pairs_of(count: int, low: float, high: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [low + (high - low) * rng.random() for _ in range(count)]
+
+
+EVERY_KIND = {   # rotary dim 96 (48 pairs), base 1e6, max_position_embeddings 32768; as real configs write them
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn-deepseek": {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096},
+    "longrope": {"type": "longrope", "long_factor": _pairs_of(48, 1.0, 41.0, 0),
+                 "short_factor": _pairs_of(48, 1.0, 1.5, 1), "original_max_position_embeddings": 4096},
+    "dynamic": {"type": "dynamic", "factor": 2.0},
+    "gguf-frequency-factors": {"rope_type": "default", "frequency_factors": _pairs_of(48, 1.0, 8.0, 2)},
+}
+
+
+@pytest.mark.parametrize("kind", EVERY_KIND)
+@pytest.mark.parametrize("context", [4096, 65536])   # longrope's short and long factors, dynamic's grown base
+def test_numpy_cos_sin_equals_the_torch_module(kind, context):
+    """The serving path without torch rotates exactly as the torch models: same frequencies, same cos/sin bits."""
+    rotary = RotaryEmbedding(96, 32768, 1e6, EVERY_KIND[kind])
+    frequencies = RopeFrequencies(96, 32768, 1e6, EVERY_KIND[kind])
+    rotary.set_context_length(context)
+    frequencies.set_context_length(context)
+    assert frequencies.inv_freq.dtype == np.float32 and frequencies.inv_freq.shape == (48,)
+    np.testing.assert_array_equal(rotary.inv_freq.numpy(), frequencies.inv_freq)
+    assert type(frequencies.attention_scaling) is float and frequencies.attention_scaling == rotary.attention_scaling
+
+    positions = np.concatenate((np.arange(4100), np.arange(4100, context, 13)))
+    want_cos, want_sin = (t[:, 0].numpy() for t in rotary.cos_sin(torch.from_numpy(positions), torch.float32))
+    cos, signed_sin = frequencies.cos_sin(positions)
+    assert cos.dtype == signed_sin.dtype == np.float32 and cos.shape == signed_sin.shape == (len(positions), 96)
+    np.testing.assert_array_equal(cos, want_cos)
+    np.testing.assert_array_equal(signed_sin, want_sin)
+
+
+def test_the_numpy_frequencies_import_no_torch():
+    code = "import sys, textcomplete.models.rope; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

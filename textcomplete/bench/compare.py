@@ -276,13 +276,16 @@ def build_native_kernels() -> str:
     then load them from the same cache, so that a load time is a start's, not a first build's on this machine.
     Returns a line for the report saying so."""
     from textcomplete import kernels
+    from textcomplete.kernels import library
     start = time.perf_counter()
-    built = [name for name, module in (("decode", kernels.decode_layers()), ("block-format", kernels.quant_matmul()))
+    built = [name for name, module in (("the library of the native backend", library.load()),
+                                       ("the PyTorch backend's decode", kernels.decode_layers()),
+                                       ("block-format", kernels.quant_matmul()))
              if module is not None]
     seconds = time.perf_counter() - start
     if not built:
         return "- textcomplete's native kernels could not be built: its servers ran on the PyTorch fallback"
-    return (f"- textcomplete's native kernels ({' and '.join(built)}) were built, or loaded from their cache, before "
+    return (f"- textcomplete's native kernels ({', '.join(built)}) were built, or loaded from their cache, before "
             f"the servers started ({seconds:.1f} s): the load times below exclude the once-per-machine build that a "
             "first start includes")
 
@@ -292,7 +295,7 @@ def read_into_page_cache(path: Path) -> float:
     that every server then maps the same warm cache, whichever started first and whatever read the file before.
     A sequential read is cached in large folios (ext4 and xfs on recent kernels), which a mapping then maps 2
     MiB at a time; pages faulted in through a plain mapping are cached small, and a decode step that streams
-    weights through small pages is slower (textcomplete.quant.stored.map_weights). Returns the seconds taken."""
+    weights through small pages is slower (textcomplete.models.mapping.map_weights). Returns the seconds taken."""
     start = time.perf_counter()
     with path.open("rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):

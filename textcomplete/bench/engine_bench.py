@@ -29,7 +29,7 @@ class BenchResult:
 
 def _prompt(engine: LLMEngine, length: int, seed: int) -> list[int]:
     rng = random.Random(seed)
-    vocab = engine.loaded.spec.vocab_size
+    vocab = engine.spec.vocab_size
     specials = set(engine.eos_token_ids)
     return [t for t in (rng.randrange(vocab) for _ in range(length * 2)) if t not in specials][:length]
 

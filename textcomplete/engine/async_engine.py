@@ -73,7 +73,7 @@ class AsyncEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.loaded.spec.vocab_size
+        return self.engine.spec.vocab_size
 
     @property
     def max_num_seqs(self) -> int:

@@ -2,6 +2,10 @@
 
 One step = schedule -> run the model -> apply results to requests -> hand out `RequestOutput`s.
 The async wrapper in `async_engine.py` runs this loop on its own thread.
+
+The model runs on one of two backends (EngineConfig.backend): the native library without torch
+(native_runner.py, for the dense Llama-family GGUF files its kernels run), or PyTorch modules (runner.py, every
+model). torch is imported only for the second.
 """
 
 from __future__ import annotations
@@ -13,25 +17,28 @@ import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from textcomplete.config import EngineConfig
 from textcomplete.engine.block_manager import BlockAllocator
 from textcomplete.engine.fingerprint import system_fingerprint
 from textcomplete.engine.outputs import EngineStats, RequestOutput
 from textcomplete.engine.request import Request
-from textcomplete.engine.runner import ChunkResult, ModelRunner, kv_bytes_per_block
 from textcomplete.engine.sampling_params import SamplingParams
 from textcomplete.engine.scheduler import Scheduler
-from textcomplete.kernels import decode_layers
-from textcomplete.models.layers import PagedAttention
-from textcomplete.models.loader import LoadedModel, load_model
-from textcomplete.quant.linear import use_int8_activations
+from textcomplete.engine.step_results import ChunkResult
+from textcomplete.kernels import DIRECT_ROWS
+from textcomplete.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from textcomplete.models.loader import LoadedModel
+    from textcomplete.models.native_llama import NativeLlama
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ITEMSIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # Allocations below this come from the heap and go back to it; freed memory at the heap's top is kept up to it.
@@ -84,13 +91,62 @@ def freeze_loaded_objects() -> None:
 
 
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    import torch
+
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(config.device)
     if config.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, _DTYPES[config.dtype]
+    return device, getattr(torch, config.dtype)
+
+
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, itemsize: int) -> int:
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+
+
+def native_model(config: EngineConfig) -> NativeLlama | None:
+    """The model of `config` on the native backend, or None where it takes torch (with backend "native", a
+    ValueError saying why not instead)."""
+    if config.backend == "torch":
+        return None
+    from textcomplete.models.sources import resolve_source
+
+    reason = _native_settings_reason(config)
+    path = resolve_source(config.model) if reason is None else None
+    if reason is None and (not path.is_file() or path.suffix != ".gguf"):
+        reason = "the model is not a GGUF file"
+    library = None
+    if reason is None:
+        from textcomplete.kernels import library as native_library
+
+        library = native_library.load()
+        reason = "the native library could not be built (see the warning above)" if library is None else None
+    if reason is None:
+        from textcomplete.models.gguf_file import GGUFFile
+        from textcomplete.models.native_llama import NativeLlama, unsupported_reason
+
+        reason = unsupported_reason(GGUFFile(path), library)
+        if reason is None:
+            return NativeLlama(path, library)
+    if config.backend == "native":
+        raise ValueError(f"the native backend cannot serve {config.model}: {reason}")
+    log.info("PyTorch backend: the native one does not serve %s (%s)", config.model, reason)
+    return None
+
+
+def _native_settings_reason(config: EngineConfig) -> str | None:
+    """Why settings alone rule out the native backend (None: they do not)."""
+    if config.device not in ("auto", "cpu") or (config.device == "auto" and Path("/proc/driver/nvidia").exists()):
+        return "it runs on the CPU only"
+    if config.dtype not in ("auto", "float32"):
+        return "its activations are float32"
+    if not config.stored_weights:
+        return "it runs the weights as stored"
+    if not config.native_decode:
+        return "--no-native-decode asks for PyTorch operators"
+    return None
 
 
 KV_SHARE_OF_AVAILABLE = 0.25   # the default KV budget: this share of the memory available at start
@@ -129,41 +185,86 @@ def check_request_limits(prompt_token_ids: list[int], params: SamplingParams, vo
 
 
 class LLMEngine:
+    """`loaded`: a model already loaded with torch, to run on the PyTorch backend (else `config` says what to
+    load and where)."""
+
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        native = native_model(config) if loaded is None else None
+        self.loaded = None if native is not None else loaded if loaded is not None else self._load_torch_model()
+        self.backend = "native" if native is not None else "torch"
+        reuse_freed_memory()   # after loading: what the steps free, later steps reuse
+        spec = native.spec if native is not None else self.loaded.spec
+        self.spec, self.tokenizer = spec, native.tokenizer if native is not None else self.loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        model_dtype = "float32" if native is not None else str(self.loaded.dtype).removeprefix("torch.")
+        kv_dtype = model_dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+        kv_memory = config.kv_cache_memory or default_kv_memory()
+        num_blocks = kv_memory // kv_bytes_per_block(spec, config.block_size, _ITEMSIZES[kv_dtype])
+        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
+        if native is not None:
+            self.runner = self._native_runner(native, num_blocks, kv_dtype)
+            path, device, runtime = native.path, "cpu", "native"
+        else:
+            self.runner = self._torch_runner(num_blocks, kv_dtype)
+            import torch
+
+            path, device, runtime = self.loaded.path, self.loaded.device.type, f"torch={torch.__version__}"
+        self.model_path = path   # the file or directory the weights came from
+        self.description = f"{config.model} ({self.backend} backend, {model_dtype}, KV cache {kv_dtype})"
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.fingerprint = system_fingerprint(path, model_dtype, kv_dtype, device, runtime, config)
+        log.info("KV cache: %d blocks of %d tokens (%d tokens); context %d; %s backend", num_blocks,
+                 config.block_size, num_blocks * config.block_size, self.max_model_len, self.backend)
+
+    def _load_torch_model(self) -> LoadedModel:
+        import torch
+
+        from textcomplete.models.loader import load_model
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        device, dtype = resolve_device_and_dtype(self.config)
+        return load_model(self.config.model, dtype, device, stored=self.config.stored_weights)
+
+    def _native_runner(self, model: NativeLlama, num_blocks: int, kv_dtype: str):
+        from textcomplete.engine.native_runner import NativeRunner
+
+        if self.config.threads:
+            model.library.set_num_threads(self.config.threads)
+        model.set_context_length(self.max_model_len)
+        int8 = self.config.activations == "int8" and model.library.int8_available()
+        if int8:
+            log.info("8-bit activations in the products of the stored matrices whose formats take them")
+        return NativeRunner(model, num_blocks, self.config.block_size, kv_dtype, DIRECT_ROWS, self.config.seed, int8)
+
+    def _torch_runner(self, num_blocks: int, kv_dtype: str):
+        import torch
+
+        from textcomplete.engine.runner import ModelRunner
+        from textcomplete.kernels import decode_layers
+        from textcomplete.models.layers import PagedAttention
+        from textcomplete.quant.linear import use_int8_activations
+
+        config, loaded = self.config, self.loaded
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.config = config
-        if loaded is None:
-            device, dtype = resolve_device_and_dtype(config)
-            loaded = load_model(config.model, dtype, device, stored=config.stored_weights)
         if config.activations == "int8":
             log.info("8-bit activations in the products of %d stored linear layers",
                      use_int8_activations(loaded.model))
-        self.loaded = loaded
-        reuse_freed_memory()   # after loading: what the steps free, later steps reuse
-        self.tokenizer = loaded.tokenizer
-        spec = loaded.spec
-        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if hasattr(loaded.model, "set_context_length"):   # rope scalings that depend on the served context
             loaded.model.set_context_length(self.max_model_len)
-        kv_memory = config.kv_cache_memory or default_kv_memory()
-        kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
-        num_blocks = kv_memory // kv_bytes_per_block(spec, config.block_size, kv_dtype)
-        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size, kv_dtype,
-                                  loaded.device, config.seed)
+        runner = ModelRunner(loaded.model, loaded.spec, num_blocks, config.block_size, getattr(torch, kv_dtype),
+                             loaded.device, config.seed)
         native = config.native_decode and loaded.device.type == "cpu" and loaded.dtype == torch.float32
         kernels = decode_layers() if native else None
         for attn in (m for m in loaded.model.modules() if isinstance(m, PagedAttention)):
             attn.native = kernels
         if hasattr(loaded.model, "use_native_decode"):
             loaded.model.use_native_decode(kernels)
-        self.requests: dict[str, Request] = {}
-        self._arrivals = itertools.count()
-        self.fingerprint = system_fingerprint(loaded.path, loaded.dtype, kv_dtype, loaded.device, config)
-        log.info("KV cache: %d blocks of %d tokens (%d tokens); context %d", num_blocks, config.block_size,
-                 num_blocks * config.block_size, self.max_model_len)
+        return runner
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -180,7 +281,7 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError if the request can never run. Reads only fixed settings, so any thread may call it."""
-        check_request_limits(prompt_token_ids, params, self.loaded.spec.vocab_size, self.max_model_len,
+        check_request_limits(prompt_token_ids, params, self.spec.vocab_size, self.max_model_len,
                              self.allocator.num_blocks, self.allocator.block_size)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
-
 from textcomplete import __version__
 from textcomplete.config import EngineConfig
 
@@ -33,9 +31,10 @@ def weights_identity(path: Path) -> str:
     return digest.hexdigest()
 
 
-def system_fingerprint(weights: Path, dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device,
+def system_fingerprint(weights: Path, dtype: str, kv_dtype: str, device: str, runtime: str,
                        config: EngineConfig) -> str:
-    parts = [__version__, torch.__version__, weights_identity(weights), str(dtype), f"kv={kv_dtype}", device.type,
+    """`runtime`: what computes (the native library, or torch and its version)."""
+    parts = [__version__, runtime, weights_identity(weights), dtype, f"kv={kv_dtype}", device,
              f"stored_weights={config.stored_weights}", f"activations={config.activations}",
              f"block={config.block_size}", f"chunk={config.max_num_batched_tokens}",
              f"prefix_cache={config.enable_prefix_caching}", f"seed={config.seed}"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-import torch
+import numpy as np
 
 from textcomplete.engine.sampling_params import SamplingParams
 
@@ -41,10 +41,10 @@ class Request:
         # Next prompt position whose logprob is still owed to the caller; survives preemption so
         # recomputed positions are not reported twice.
         self.next_prompt_logprob_pos = 1
-        self.generator: torch.Generator | None = None
+        self.generator: np.random.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed)
+            # numpy seeds are non-negative: fold the signed seed onto them one-to-one (0, -1, 1, -2, ...).
+            self.generator = np.random.default_rng(2 * params.seed if params.seed >= 0 else -2 * params.seed - 1)
 
     @property
     def num_tokens(self) -> int:

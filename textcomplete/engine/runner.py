@@ -6,56 +6,27 @@ kv_heads, head_dim] tensor per layer (key and value of a slot side by side), slo
 
 from __future__ import annotations
 
-import logging
 import math
-import mmap
-from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from textcomplete.engine.outputs import TokenLogprob
-from textcomplete.engine.sampler import Sampler, token_logprobs
+from textcomplete.engine.sampler import Sampler
 from textcomplete.engine.scheduler import ScheduledChunk, SchedulerOutput
+from textcomplete.engine.step_results import ChunkResult, collect_results
 from textcomplete.models.layers import AttentionMetadata, PagedAttention, PrefillSpan
+from textcomplete.models.mapping import zeroed_pages
 from textcomplete.models.spec import ModelSpec
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class ChunkResult:
-    """What one scheduled chunk produced: a sampled token (if it completed the sequence), prompt logprobs."""
-
-    chunk: ScheduledChunk
-    token_id: int | None = None
-    logprob: TokenLogprob | None = None
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    error: str | None = None    # this chunk's request failed alone; the others in the step are unaffected
-
-
-def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor. On the CPU it is an anonymous private mapping: its pages come from the system already
-    zero and become resident only when first written, so a cache costs memory as requests fill it.
-
-    The mapping asks for small pages. numpy asks for huge pages for its large arrays (the system's policy
-    often grants them on request), and the first write to a huge page stops the writer while the kernel finds
-    (compacting memory if it must) and clears 2 MiB. On a 2-core VM that took 8 ms a page: 6.2 s to fill a
-    1.6 GB cache, 0.2-0.5 s added to the 128-token prompt of a 1.7B model (2.0 s with small pages), and about
-    1 ms to its decode steps. A small page's first write costs about a microsecond."""
+    """A zero tensor; on the CPU, pages that become resident only when first written (mapping.zeroed_pages)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape) * dtype.itemsize
     if count == 0:
         return torch.zeros(shape, dtype=dtype)
-    region = mmap.mmap(-1, count, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        region.madvise(mmap.MADV_NOHUGEPAGE)
-    # The tensor holds the mapping (through the buffer it exports) for as long as it lives.
-    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
+    return torch.from_numpy(zeroed_pages(count)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -123,59 +94,8 @@ class ModelRunner:
         return torch.cat(parts)
 
     def _results(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[ChunkResult]:
-        results = [ChunkResult(c) for c in chunks]
-        rows, row_owner = [], []                  # hidden rows whose logits are needed, and why
-        offset = 0
-        for i, c in enumerate(chunks):
-            for p in _prompt_logprob_positions(c):
-                rows.append(offset + p - c.start)
-                row_owner.append((i, p))
-            if c.completes_sequence and c.request.params.max_tokens != 0:
-                rows.append(offset + c.num_tokens - 1)
-                row_owner.append((i, None))
-            offset += c.num_tokens
-        if not rows:
-            return results
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).to("cpu")
-        self._fill_prompt_logprobs(results, logits, row_owner)
-        self._fill_samples(results, logits, row_owner)
-        return results
-
-    def _fill_prompt_logprobs(self, results: list[ChunkResult], logits: torch.Tensor,
-                              row_owner: list[tuple[int, int | None]]) -> None:
-        picks = [(r, i, p) for r, (i, p) in enumerate(row_owner) if p is not None]
-        if not picks:
-            return
-        logprobs = torch.log_softmax(logits[[r for r, _, _ in picks]], dim=-1)
-        targets = [results[i].chunk.request.token_ids[p + 1] for _, i, p in picks]
-        ks = [results[i].chunk.request.params.prompt_logprobs for _, i, _ in picks]
-        for (_, i, _), entry in zip(picks, token_logprobs(logprobs, targets, ks)):
-            results[i].prompt_logprobs.append(entry)
-
-    def _fill_samples(self, results: list[ChunkResult], logits: torch.Tensor,
-                      row_owner: list[tuple[int, int | None]]) -> None:
-        picks = [(r, i) for r, (i, p) in enumerate(row_owner) if p is None]
-        if not picks:
-            return
-        try:
-            sampled = self.sampler(logits[[r for r, _ in picks]], [results[i].chunk.request for _, i in picks])
-        except Exception:   # noqa: BLE001 - one request's settings broke the batch: find it, spare the others
-            log.exception("batched sampling failed; sampling each request alone")
-            for r, i in picks:
-                try:
-                    one = self.sampler(logits[[r]], [results[i].chunk.request])
-                except Exception as exc:   # noqa: BLE001 - fails this request only
-                    results[i].error = f"sampling failed: {exc}"
-                    continue
-                results[i].token_id, results[i].logprob = one.token_ids[0], one.logprobs[0]
-            return
-        for (_, i), token, lp in zip(picks, sampled.token_ids, sampled.logprobs):
-            results[i].token_id, results[i].logprob = token, lp
-
-
-def _prompt_logprob_positions(chunk: ScheduledChunk) -> range:
-    """Positions p in this chunk whose logits score prompt token p + 1 and are still owed."""
-    r = chunk.request
-    if not r.wants_prompt_logprobs():
-        return range(0)
-    return range(max(chunk.start, r.next_prompt_logprob_pos - 1), min(chunk.end, r.prompt_len - 1))
+        def logits_of(rows: list[int]) -> np.ndarray:
+            # float32 on the host: the sampler and the logprob bookkeeping are numpy only
+            picked = hidden[torch.tensor(rows, device=self.device)]
+            return self.model.compute_logits(picked).to("cpu").float().numpy()
+        return collect_results(chunks, logits_of, self.sampler)

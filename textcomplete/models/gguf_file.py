@@ -7,6 +7,9 @@ read-only memory map; quantized ones (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, ...) are deq
 package. Each architecture's module maps the metadata and tensor names onto its Hugging Face form (undoing
 the converter's changes, such as llama.cpp's reordering of Llama q/k rows), so the models see ordinary
 checkpoints.
+
+Reading the layout, the metadata and tensors as numpy arrays needs no torch (the serving path without it
+reads its file here); the tensors in torch form, and the architecture classes, load torch when first asked.
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from textcomplete.errors import ModelFileError
-from textcomplete.quant import FORMATS, format_of
-from textcomplete.quant.stored import StoredTensor, map_weights
+from textcomplete.models.mapping import map_weights
 from textcomplete.models.registry import GGUF_ARCHITECTURES, architecture_of, model_class
+
+if TYPE_CHECKING:
+    import torch
+
+    from textcomplete.quant.stored import StoredTensor
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -170,8 +177,19 @@ class GGUFFile:
                                        f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
         if not self.metadata.get("tokenizer.ggml.tokens"):
             raise ModelFileError(path, "the file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
-        self.model_class = model_class(GGUF_ARCHITECTURES[self.arch])
+        self._model_class: type | None = None
         self._data: np.ndarray | None = None
+
+    @property
+    def model_class(self) -> type:
+        """The architecture's class (its module loads torch: taken only when asked for)."""
+        if self._model_class is None:
+            self._model_class = model_class(GGUF_ARCHITECTURES[self.arch])
+        return self._model_class
+
+    @model_class.setter
+    def model_class(self, cls: type) -> None:
+        self._model_class = cls
 
     @property
     def num_tensors(self) -> int:
@@ -205,10 +223,25 @@ class GGUFFile:
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """One tensor by its GGUF name, as float32 in PyTorch's dimension order."""
+        import torch
+
+        return torch.from_numpy(self.read_array(name))
+
+    def read_array(self, name: str) -> np.ndarray:
+        """One tensor by its GGUF name, as a float32 numpy array in PyTorch's dimension order."""
+        return _dequantized(self._mapped(), self.tensor_info(name))
+
+    def tensor_info(self, name: str) -> TensorInfo:
         for t in self.tensor_infos:
             if t.name == name:
-                return _dequantized(self._mapped(), t)
+                return t
         raise self.fail(f"the file has no tensor {name!r}")
+
+    def raw_rows(self, name: str) -> np.ndarray:
+        """A matrix's bytes as stored, uint8 [rows, row_bytes] (a view of the mapped file: nothing is read)."""
+        t = self.tensor_info(name)
+        rows = math.prod(t.shape[1:])
+        return self._mapped()[t.offset:t.offset + t.n_bytes].reshape(rows, -1)
 
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensor_infos)
@@ -216,10 +249,12 @@ class GGUFFile:
     def tensors(self, stored: bool = True) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
         """(HF name, tensor in HF layout), one at a time: with `stored`, the matrices the architecture runs
         from their stored format stay `StoredTensor` views of the file; everything else is float32."""
+        import torch
+
         cfg = self.hf_config()
         for t in self.tensor_infos:
             keep = stored and self._storable(t) and self.model_class.keeps_stored(t.name)
-            tensor = self._stored(t) if keep else _dequantized(self._mapped(), t)
+            tensor = self._stored(t) if keep else torch.from_numpy(_dequantized(self._mapped(), t))
             converted = self.model_class.tensors_from_gguf(t.name, tensor, cfg)
             if converted is None:
                 raise self.fail(f"unexpected tensor {t.name!r} for {self.arch}")
@@ -227,10 +262,17 @@ class GGUFFile:
 
     @staticmethod
     def _storable(t: TensorInfo) -> bool:
+        from textcomplete.quant import FORMATS
+
         return len(t.shape) >= 2 and t.type != GGMLQuantizationType.F32 and int(t.type) in FORMATS
 
     def _stored(self, t: TensorInfo) -> StoredTensor:
         """A view of tensor `t`'s bytes as [*rows, row_bytes] (no copy: pages are read when a kernel reads them)."""
+        import torch
+
+        from textcomplete.quant import format_of
+        from textcomplete.quant.stored import StoredTensor
+
         shape = tuple(reversed(t.shape))
         raw = torch.from_numpy(self._mapped()[t.offset:t.offset + t.n_bytes])
         return StoredTensor.of(raw.view(*shape[:-1], -1), format_of(int(t.type)), shape)
@@ -291,24 +333,33 @@ def llama_style_config(gguf: GGUFFile) -> dict:
     return cfg
 
 
+def qk_row_order(rows: int, num_heads: int) -> np.ndarray:
+    """The row order that undoes llama.cpp's interleaving of each head's rotary halves in q/k projection rows:
+    HF row i is the file's row order[i]."""
+    return np.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
 def unpermute_qk(w: torch.Tensor | StoredTensor, num_heads: int) -> torch.Tensor | StoredTensor:
     """Undo llama.cpp's interleaving of each head's rotary halves in the q/k projection rows."""
-    rows = w.shape[0]
+    import torch
+
+    from textcomplete.quant.stored import StoredTensor
+
+    order = torch.from_numpy(qk_row_order(w.shape[0], num_heads))
     if isinstance(w, StoredTensor):   # the same reorder, recorded rather than copied
-        order = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2).reshape(-1)
         return w.reorder_rows(order)
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w[order]
 
 
-def _dequantized(data: np.ndarray, t: TensorInfo) -> torch.Tensor:
+def _dequantized(data: np.ndarray, t: TensorInfo) -> np.ndarray:
     """Tensor `t` as float32 in PyTorch's dimension order (decoded, except F32, which is used in place)."""
     raw = data[t.offset:t.offset + t.n_bytes]
     shape = tuple(reversed(t.shape))
     if t.type == GGMLQuantizationType.F32:   # a view, no copy (the mapping is copy-on-write)
-        return torch.from_numpy(raw.view("<f4").reshape(shape))
+        return raw.view("<f4").reshape(shape)
     elif t.type == GGMLQuantizationType.F16:
         array = raw.view("<f2").astype(np.float32)
     else:
         block, block_bytes = GGML_QUANT_SIZES[t.type]
         array = dequantize(raw.reshape(*shape[:-1], shape[-1] // block * block_bytes), t.type)
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)

@@ -1,4 +1,5 @@
-"""Layers shared by the architectures: norms, rotary embedding (and its scalings), attention over the paged KV cache.
+"""Layers shared by the architectures: norms, rotary embedding (its frequencies: rope.py), attention over the
+paged KV cache.
 
 Tensors are flat over tokens: a step's tokens from all requests are one [num_tokens, ...] batch,
 and `AttentionMetadata` (built by the model runner) says which cache slots each token reads and writes.
@@ -6,12 +7,14 @@ and `AttentionMetadata` (built by the model runner) says which cache slots each 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# rope_kind is re-exported: the architectures import it from here
+from textcomplete.models.rope import RopeFrequencies, rope_kind  # noqa: F401
 
 
 @dataclass
@@ -91,168 +94,43 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
-ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
-
-
-def rope_kind(scaling: dict | None) -> str:
-    """The scaling's name under either key old and new configs use for it."""
-    scaling = scaling or {}
-    return scaling.get("rope_type", scaling.get("type", "default"))
-
-
-def _required(scaling: dict, key: str) -> object:
-    if scaling.get(key) is None:
-        raise ValueError(f"rope scaling {rope_kind(scaling)!r} needs {key!r}")
-    return scaling[key]
-
-
-def _powers(rotary_dim: int, base: float) -> torch.Tensor:
-    """base ** (2i / rotary_dim) for i < rotary_dim / 2: each pair's wavelength over 2 pi, [rotary_dim / 2]."""
-    # Built on the CPU even when the model is constructed on the meta device; moved on first use.
-    return base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim)
-
-
-def _default_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    return 1.0 / _powers(rope.rotary_dim, rope.base), 1.0
-
-
-def _linear_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    return _default_rope(rope, length)[0] / _required(rope.scaling, "factor"), 1.0
-
-
-def _llama3_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
-    inv_freq, scaling = _default_rope(rope, length)[0], rope.scaling
-    factor, old_len = _required(scaling, "factor"), _required(scaling, "original_max_position_embeddings")
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled), 1.0
-
-
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _yarn_attention_factor(scaling: dict, factor: float) -> float:
-    """The cos/sin multiplier: given, or YaRN's 0.1 ln(factor) + 1 (DeepSeek's ratio of two when both mscales)."""
-    if scaling.get("attention_factor") is not None:
-        return scaling["attention_factor"]
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
-        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
-    return _yarn_mscale(factor)
-
-
-def _yarn_pair(turns: float, dim: int, base: float, old_len: int) -> float:
-    """The (fractional) pair index whose angle makes `turns` full turns over `old_len` positions."""
-    return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(base))
-
-
-def _yarn_ramp(rope: RotaryEmbedding, old_len: int) -> torch.Tensor:
-    """[rotary_dim / 2]: 0 for pairs turning more than beta_fast times within `old_len` (kept), 1 for those
-    turning fewer than beta_slow times (interpolated), linear between."""
-    dim, base, scaling = rope.rotary_dim, rope.base, rope.scaling
-    low = _yarn_pair(scaling.get("beta_fast") or 32, dim, base, old_len)
-    high = _yarn_pair(scaling.get("beta_slow") or 1, dim, base, old_len)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001   # a one-point ramp would divide by zero
-    return ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
-
-
-def _yarn_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    """YaRN, static as in transformers: fast pairs extrapolate, slow pairs interpolate by `factor`."""
-    scaling = rope.scaling
-    old_len = _required(scaling, "original_max_position_embeddings")
-    factor = scaling.get("factor") or rope.max_positions / old_len
-    powers = _powers(rope.rotary_dim, rope.base)
-    extrapolated, interpolated = 1.0 / powers, 1.0 / (factor * powers)
-    keep = 1 - _yarn_ramp(rope, old_len)   # the share of each pair's unscaled frequency
-    return interpolated * (1 - keep) + extrapolated * keep, _yarn_attention_factor(scaling, factor)
-
-
-def _longrope_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    """Phi-3's LongRoPE: each pair's wavelength stretched by its own factor, long or short by the context.
-
-    transformers picks the long factors for a sequence longer than `original_max_position_embeddings` and
-    the short ones otherwise; cached keys cannot be re-rotated, so the served context length decides once
-    (as llama.cpp does). The attention factor is the same for both sets.
-    """
-    scaling = rope.scaling
-    old_len = _required(scaling, "original_max_position_embeddings")
-    which = "long_factor" if length > old_len else "short_factor"
-    factors = torch.tensor(_required(scaling, which), dtype=torch.float32, device="cpu")
-    if factors.shape != (rope.rotary_dim // 2,):
-        raise ValueError(f"longrope {which} has {factors.numel()} values; the rotary dimension "
-                         f"{rope.rotary_dim} needs {rope.rotary_dim // 2}")
-    factor = scaling.get("factor") or rope.max_positions / old_len
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
-    return 1.0 / (factors * _powers(rope.rotary_dim, rope.base)), attention
-
-
-def _dynamic_rope(rope: RotaryEmbedding, length: int) -> tuple[torch.Tensor, float]:
-    """Dynamic NTK: beyond `max_position_embeddings` the base grows with the length.
-
-    transformers recomputes the base from each forward pass's length; we compute it once from the served
-    context length, which equals transformers exactly while the context stays within the original length.
-    """
-    dim, old_len = rope.rotary_dim, rope.max_positions
-    factor, length = _required(rope.scaling, "factor"), max(length, old_len)
-    base = rope.base * ((factor * length / old_len) - (factor - 1)) ** (dim / (dim - 2))
-    return 1.0 / _powers(dim, base), 1.0
-
-
-_FREQUENCIES = {"default": _default_rope, "linear": _linear_rope, "llama3": _llama3_rope, "yarn": _yarn_rope,
-                "longrope": _longrope_rope, "dynamic": _dynamic_rope}
-
-
 class RotaryEmbedding(nn.Module):
-    """Rotate-half ("neox") rotary embedding over the first `rotary_dim` dims of each head.
+    """Rotate-half ("neox") rotary embedding over the first `rotary_dim` dims of each head, for PyTorch models.
 
-    `scaling` is a Hugging Face rope-scaling dict (`rope_type` or `type`: one of ROPE_SCALINGS). Its
-    frequencies and attention factor (which multiplies cos and sin) are those of transformers'
-    `ROPE_INIT_FUNCTIONS`; longrope and dynamic, which transformers switches by the current sequence
-    length, are fixed here by the served context length (`set_context_length`; until then, `max_positions`).
+    Its frequencies and attention factor are those of a `rope.RopeFrequencies` (which see for `scaling` and the
+    context length); this module turns them into torch cos/sin and applies them.
     """
 
     def __init__(self, rotary_dim: int, max_positions: int, base: float, scaling: dict | None) -> None:
         super().__init__()
-        kind = rope_kind(scaling)
-        if kind not in _FREQUENCIES:
-            raise ValueError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
-        self.rotary_dim, self.max_positions, self.base = rotary_dim, max_positions, float(base)
-        self.kind, self.scaling = kind, dict(scaling or {})
-        self.set_context_length(max_positions)
+        self.frequencies = RopeFrequencies(rotary_dim, max_positions, base, scaling)
+        self.rotary_dim, self.kind, self.scaling = rotary_dim, self.frequencies.kind, self.frequencies.scaling
+        self._take_frequencies()
 
     def set_context_length(self, length: int) -> None:
         """Fix the frequencies for contexts of up to `length` tokens (only longrope and dynamic depend on it)."""
-        # A plain attribute, not a buffer: never part of a checkpoint.
-        self.inv_freq, self.attention_scaling = _FREQUENCIES[self.kind](self, length)   # [rotary_dim / 2]
-        if self.scaling.get("frequency_factors") is not None:
-            # llama.cpp's form of a scaling (GGUF `rope_freqs`): each pair's wavelength times its own factor
-            factors = torch.tensor(self.scaling["frequency_factors"], dtype=torch.float32, device="cpu")
-            if factors.shape != self.inv_freq.shape:
-                raise ValueError(f"{factors.numel()} rope frequency factors for a rotary dimension of "
-                                 f"{self.rotary_dim} (it needs {self.rotary_dim // 2})")
-            self.inv_freq = self.inv_freq / factors
+        self.frequencies.set_context_length(length)
+        self._take_frequencies()
+
+    def _take_frequencies(self) -> None:
+        # A plain attribute, not a buffer: never part of a checkpoint. On the CPU even when the model is
+        # constructed on the meta device; moved on first use.
+        self.inv_freq = torch.from_numpy(self.frequencies.inv_freq)   # float32 [rotary_dim / 2]
+        self.attention_scaling = self.frequencies.attention_scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin), each [num_tokens, 1, rotary_dim]; the sin's first half is negated (see `apply`)."""
+        """(cos, signed sin), each [num_tokens, 1, rotary_dim]; the sin's first half is negated (see `apply`).
+
+        Equal to `RopeFrequencies.cos_sin` (in float32): float32 angles, cos and sin in float64 rounded once.
+        """
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [num_tokens, rotary_dim / 2]
-        cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
+        angles = (positions.float()[:, None] * self.inv_freq[None, :]).double()   # [num_tokens, rotary_dim / 2]
+        cos, sin = angles.cos(), angles.sin()
         if self.attention_scaling != 1.0:   # YaRN's and LongRoPE's factor, on cos and sin as transformers does
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype)[:, None, :], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :]
+        cos, sin = cos.float().to(dtype), sin.float().to(dtype)
+        return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

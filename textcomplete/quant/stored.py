@@ -7,32 +7,11 @@ split per expert), so they act on the bytes without decoding them; row reorders 
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from textcomplete.quant import Format, dequantize, row_bytes
-
-
-def map_weights(path: Path) -> np.ndarray:
-    """A weight file's bytes, mapped copy-on-write (never written; torch takes the writable private view
-    without copying it), for `StoredTensor` views. Untouched pages cost no memory.
-
-    The mapping asks for huge pages. A decode step streams every weight once, and with small pages each 4 KiB
-    costs a TLB miss and stops the hardware prefetchers at its end. Where the file system caches files in
-    large folios (ext4 and xfs on recent kernels), a file first read through a mapping that asks for huge
-    pages is read in 2 MiB folios and mapped 2 MiB at a time; one read through page faults of a plain mapping
-    is cached in small ones, and stays so. Measured on the Llama-3-8B-shaped Q4_K_M file, 2 threads: a decode
-    step 265-275 ms against 310-325 ms, 195-205 against 265-280 ms with 8-bit activations. A file already
-    cached keeps its folios: then the hint changes nothing."""
-    with path.open("rb") as f:
-        region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(region, dtype=np.uint8)   # the array holds the mapping for as long as it lives
 
 
 @dataclass(frozen=True)
