@@ -75,13 +75,19 @@ sys.exit(int(code))
 """
 
 
-def test_the_native_decode_tests_pass_under_asan_and_ubsan(sanitized_env):
-    run = run_python(KERNEL_TESTS, sanitized_env)
+def assert_passed_clean(code: str, env: dict[str, str], instrumented: str) -> None:
+    """Runs a test session's code: every test passes, no sanitizer reports, and `instrumented` (the sanitized
+    build's name) is what ran."""
+    run = run_python(code, env)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     assert not any(report in output for report in REPORTS), output[-5000:]
-    assert "textcomplete_decode_sanitized" in run.stdout, run.stdout[-2000:]
+    assert instrumented in run.stdout, run.stdout[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+
+
+def test_the_native_decode_tests_pass_under_asan_and_ubsan(sanitized_env):
+    assert_passed_clean(KERNEL_TESTS, sanitized_env, "textcomplete_decode_sanitized")
 
 
 LIBRARY_TESTS = f"""
@@ -97,9 +103,4 @@ sys.exit(int(code))
 def test_the_native_layer_stack_tests_pass_under_asan_and_ubsan(sanitized_env):
     """The library without torch, instrumented: every step kind (decode rows, prompt chunks, both at once) over
     float32 weights and each cache type, sliding windows, and the refusals of what does not fit."""
-    run = run_python(LIBRARY_TESTS, sanitized_env)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-5000:]
-    assert not any(report in output for report in REPORTS), output[-5000:]
-    assert "libtextcomplete_native_sanitized" in run.stdout, run.stdout[-2000:]
-    assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]
+    assert_passed_clean(LIBRARY_TESTS, sanitized_env, "libtextcomplete_native_sanitized")
