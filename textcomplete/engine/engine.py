@@ -191,6 +191,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         native = native_model(config) if loaded is None else None
+        if native is None and config.threads:   # before loading: the loader's work runs on them too
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.loaded = None if native is not None else loaded if loaded is not None else self._load_torch_model()
         self.backend = "native" if native is not None else "torch"
         reuse_freed_memory()   # after loading: what the steps free, later steps reuse
@@ -220,12 +224,8 @@ class LLMEngine:
                  config.block_size, num_blocks * config.block_size, self.max_model_len, self.backend)
 
     def _load_torch_model(self) -> LoadedModel:
-        import torch
-
         from textcomplete.models.loader import load_model
 
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         device, dtype = resolve_device_and_dtype(self.config)
         return load_model(self.config.model, dtype, device, stored=self.config.stored_weights)
 
@@ -249,8 +249,6 @@ class LLMEngine:
         from textcomplete.quant.linear import use_int8_activations
 
         config, loaded = self.config, self.loaded
-        if config.threads:
-            torch.set_num_threads(config.threads)
         if config.activations == "int8":
             log.info("8-bit activations in the products of %d stored linear layers",
                      use_int8_activations(loaded.model))
