@@ -22,6 +22,7 @@ from tests.tiny_models import make_tiny_model
 from textcomplete.config import EngineConfig
 from textcomplete.engine.engine import LLMEngine
 from textcomplete.engine.sampling_params import SamplingParams
+from textcomplete.models.gguf_file import VOCABULARY_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,8 @@ def test_smollm2_natively_equals_its_pytorch_backend():
     native = LLMEngine(EngineConfig(kv_cache_memory=64 << 20))
     reference = LLMEngine(EngineConfig(kv_cache_memory=64 << 20, backend="torch"))
     assert native.backend == "native" and reference.backend == "torch"
+    # The tokenizer holds its own vocabulary: the file's arrays of it are not kept as Python objects too.
+    assert not set(VOCABULARY_KEYS) & set(native.runner.model.gguf.metadata)
     text = "The quick brown fox jumps over the lazy dog. Meanwhile, in a small village by the sea,"
     prompts = [native.tokenizer.encode(text), native.tokenizer.encode("def fibonacci(n):\n    ")]
     params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=5, prompt_logprobs=1)

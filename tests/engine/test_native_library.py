@@ -7,9 +7,11 @@ for this CPU and for AVX2; the float64 oracle of test_quant_kernels; thread sett
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,37 @@ def test_the_thread_setting_changes_nothing_but_the_threads():
                 np.testing.assert_array_equal(got, want)
     finally:
         lib.set_num_threads(before)
+
+
+def test_the_default_is_a_thread_per_cpu_the_process_may_use():
+    lib = library_for("native")
+    before = lib.num_threads()
+    try:
+        lib.set_num_threads(0)
+        assert lib.num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        lib.set_num_threads(before)
+
+
+def test_callers_on_several_threads_share_the_pool_and_get_their_own_results():
+    """One caller's products use the pool's threads; another thread's products run meanwhile on that thread
+    alone (ctypes lets go of the GIL during a call). Every result equals its one-thread product."""
+    lib = library_for("native")
+    fmt, k = by_name("Q4_0"), 32 * 24
+    raws = [Stored.of(random_blocks(fmt, 97 + i, k, seed=i), fmt.type_id) for i in range(3)]
+    xs = [np.random.default_rng(i).standard_normal((5 + 7 * i, k), dtype=np.float32) for i in range(3)]
+    before = lib.num_threads()
+    try:
+        lib.set_num_threads(1)
+        want = [lib.matmul(x, [raw], 4) for x, raw in zip(xs, raws)]
+        lib.set_num_threads(3)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda i: [lib.matmul(xs[i], [raws[i]], 4) for _ in range(40)], range(3)))
+    finally:
+        lib.set_num_threads(before)
+    for results, expected in zip(got, want):
+        for result in results:
+            np.testing.assert_array_equal(result, expected)
 
 
 def test_bad_arguments_are_errors_not_crashes(builds):

@@ -127,9 +127,10 @@ def native_model(config: EngineConfig) -> NativeLlama | None:
         from textcomplete.models.gguf_file import GGUFFile
         from textcomplete.models.native_llama import NativeLlama, unsupported_reason
 
-        reason = unsupported_reason(GGUFFile(path), library)
+        gguf = GGUFFile(path)
+        reason = unsupported_reason(gguf, library)
         if reason is None:
-            return NativeLlama(path, library)
+            return NativeLlama(gguf, library)
     if config.backend == "native":
         raise ValueError(f"the native backend cannot serve {config.model}: {reason}")
     log.info("PyTorch backend: the native one does not serve %s (%s)", config.model, reason)

@@ -1,7 +1,7 @@
 """The native kernels as a plain shared library (`native.cpp`), for a process that does not load torch.
 
-Built on first use with the machine's C++ compiler (the flags of the torch extensions: -march=native, OpenMP),
-cached like them, and loaded with ctypes; its functions take pointers (numpy arrays' buffers). The block
+Built on first use with the machine's C++ compiler (the flags of the torch extensions: -march=native), cached
+like them, and loaded with ctypes; its functions take pointers (numpy arrays' buffers). The block
 formats' half-precision types come from torch's C++ headers, which are read from the installed package
 without importing it. `load()` returns None, with a logged warning, when the library cannot be built.
 """
@@ -377,8 +377,8 @@ def build(target: str = "native") -> Path:
             return path
         log.info("building the native library %s (once per machine, about a minute) in %s", name, directory)
         partial = directory / f"{name}.so.partial"
-        command = [cxx, "-std=c++20", "-fPIC", "-shared", *cflags, "-fopenmp", "-isystem", str(_torch_include()),
-                   str(SOURCE), "-o", str(partial), *ldflags, "-fopenmp"]
+        command = [cxx, "-std=c++20", "-fPIC", "-shared", *cflags, "-pthread", "-isystem", str(_torch_include()),
+                   str(SOURCE), "-o", str(partial), *ldflags, "-pthread"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")

@@ -1,6 +1,7 @@
 // The kernels as a plain shared library with a C interface, for a process that does not load torch (loaded
 // with ctypes by textcomplete/kernels/library.py). Same code as the torch extensions: the block-format
-// products of quant/matmul.h and the Llama-family layers of llama_step.h, on OpenMP's threads.
+// products of quant/matmul.h and the Llama-family layers of llama_step.h, on the threads of its own pool
+// (quant/parallel.h).
 //
 // Every function that can fail returns 0, or 1 with a message of at most error_size - 1 bytes in `error`.
 // Arrays are contiguous and row-major unless a stride says otherwise; a stored matrix is given by its first
@@ -49,7 +50,7 @@ struct Model {
 
 extern "C" {
 
-// Threads of the parallel products from now on (0: OpenMP's default).
+// Threads of the parallel products from now on (0: one per CPU this process may run on).
 [[gnu::visibility("default")]] void tc_set_num_threads(int threads) { tcq::set_num_threads(threads); }
 
 [[gnu::visibility("default")]] int tc_num_threads() { return tcq::num_threads(); }

@@ -161,6 +161,10 @@ def _tensor_info(path: Path, file_size: int, data_start: int, name: str, shape: 
     return TensorInfo(name, shape, qtype, start, n_bytes)
 
 
+VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                   "tokenizer.ggml.token_type")
+
+
 class GGUFFile:
     """A checked GGUF file; its architecture's module turns the metadata and tensors into HF form.
 
@@ -179,6 +183,13 @@ class GGUFFile:
             raise ModelFileError(path, "the file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
         self._model_class: type | None = None
         self._data: np.ndarray | None = None
+
+    def drop_vocabulary(self) -> None:
+        """Forget the tokenizer's arrays (tokens, merges, scores, token types) once a tokenizer is built from
+        them. As Python objects they are megabytes (tens of them for a 128K-token vocabulary) that a serving
+        process would otherwise hold for nothing; the tokenizer keeps its own copy."""
+        for key in VOCABULARY_KEYS:
+            self.metadata.pop(key, None)
 
     @property
     def model_class(self) -> type:

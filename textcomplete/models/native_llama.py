@@ -12,7 +12,6 @@ a format the kernels run. `unsupported_reason` says why a file is not one (the e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -57,12 +56,11 @@ def unsupported_reason(gguf: GGUFFile, library: NativeLibrary) -> str | None:
 class NativeLlama:
     """A Llama-family GGUF file's model: its spec and tokenizer once loaded, then (after `allocate`) steps."""
 
-    def __init__(self, path: Path, library: NativeLibrary) -> None:
-        self.path, self.library = path, library
-        self.gguf = gguf = GGUFFile(path)
+    def __init__(self, gguf: GGUFFile, library: NativeLibrary) -> None:
+        self.path, self.library, self.gguf = gguf.path, library, gguf
         reason = unsupported_reason(gguf, library)
         if reason is not None:
-            raise ModelFileError(path, f"cannot be served without torch: {reason}")
+            raise ModelFileError(gguf.path, f"cannot be served without torch: {reason}")
         self.family = FAMILIES[gguf.arch]
         self.config = cfg = llama_gguf_config(gguf)
         heads = cfg["num_attention_heads"]
@@ -74,7 +72,8 @@ class NativeLlama:
         try:
             self.tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         except ValueError as exc:
-            raise ModelFileError(path, f"its tokenizer cannot be built: {exc}") from None
+            raise ModelFileError(gguf.path, f"its tokenizer cannot be built: {exc}") from None
+        gguf.drop_vocabulary()
         theta, scaling = rope_settings(cfg)
         self.rope = RopeFrequencies(self.spec.head_dim, self.spec.max_position_embeddings, theta, scaling)
         self.windows = [w or 0 for w in sliding_windows(cfg)]
