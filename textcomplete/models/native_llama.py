@@ -57,10 +57,8 @@ class NativeLlama:
     """A Llama-family GGUF file's model: its spec and tokenizer once loaded, then (after `allocate`) steps."""
 
     def __init__(self, gguf: GGUFFile, library: NativeLibrary) -> None:
+        """`gguf`: a file that unsupported_reason accepts."""
         self.path, self.library, self.gguf = gguf.path, library, gguf
-        reason = unsupported_reason(gguf, library)
-        if reason is not None:
-            raise ModelFileError(gguf.path, f"cannot be served without torch: {reason}")
         self.family = FAMILIES[gguf.arch]
         self.config = cfg = llama_gguf_config(gguf)
         heads = cfg["num_attention_heads"]

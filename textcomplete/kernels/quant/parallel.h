@@ -67,12 +67,10 @@ inline int num_threads() {
 }
 
 // Whether this thread is running a piece of shared work (work it shares again runs on it alone).
-inline bool& in_shared_work() {
+inline bool& in_parallel_work() {
   static thread_local bool inside = false;
   return inside;
 }
-
-inline bool in_parallel_work() { return in_shared_work(); }
 
 // Helper threads that join the work a calling thread shares, if they are running when it does.
 //
@@ -93,7 +91,7 @@ class WorkerPool {
   template <class Fn>
   void run(int64_t threads, const Fn& fn) {
     std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
-    if (!caller.owns_lock() || threads <= 1) return run_here(fn);
+    if (!caller.owns_lock() || threads <= 1) return fn();
     grow(static_cast<int>(threads) - 1);
     Job job{&call<Fn>, &fn};
     job_ = &job;
@@ -127,14 +125,14 @@ class WorkerPool {
     std::exception_ptr error{};
 
     void execute() {
-      in_shared_work() = true;
+      in_parallel_work() = true;
       try {
         thunk(fn);
       } catch (...) {
         const std::lock_guard<std::mutex> lock(error_guard);
         if (!error) error = std::current_exception();
       }
-      in_shared_work() = false;
+      in_parallel_work() = false;
     }
   };
 
@@ -149,17 +147,6 @@ class WorkerPool {
 
   template <class Fn>
   static void call(const void* fn) { (*static_cast<const Fn*>(fn))(); }
-
-  template <class Fn>
-  static void run_here(const Fn& fn) {
-    const bool outer = in_shared_work();
-    in_shared_work() = true;
-    struct Restore {
-      bool value;
-      ~Restore() { in_shared_work() = value; }
-    } restore{outer};
-    fn();
-  }
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
