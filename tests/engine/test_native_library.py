@@ -151,6 +151,39 @@ def test_callers_on_several_threads_share_the_pool_and_get_their_own_results():
             np.testing.assert_array_equal(result, expected)
 
 
+def test_a_forked_child_runs_its_products_on_threads_of_its_own():
+    """The pool's helpers do not survive fork(); a child starts its own, and its products equal its parent's."""
+    library_for("native")   # built (and cached) here, so that the child only loads it
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        from tests.unit.test_quant_formats import by_name, random_blocks
+        from textcomplete.kernels import library
+        from textcomplete.kernels.library import Stored
+        lib = library.load()
+        lib.set_num_threads(2)
+        fmt = by_name("Q4_K")
+        raw = Stored.of(random_blocks(fmt, 301, 768, seed=3), fmt.type_id)
+        x = np.random.default_rng(1).standard_normal((40, 768), dtype=np.float32)
+        want = lib.matmul(x, [raw], 4)   # starts the parent's helper
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            same = all(np.array_equal(lib.matmul(x, [raw], 4), want) for _ in range(20))
+            os.write(write, f"{len(os.listdir('/proc/self/task'))} {same}".encode())
+            os._exit(0)
+        os.close(write)
+        print(os.read(read, 100).decode())
+        assert os.waitpid(child, 0)[1] == 0
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    threads, same = done.stdout.split()
+    assert same == "True"
+    assert int(threads) >= 2, "the child ran its products on one thread"
+
+
 def test_bad_arguments_are_errors_not_crashes(builds):
     lib, _ = builds
     fmt, k = by_name("Q4_0"), 64

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 #else
+#include <pthread.h>
 #include <sched.h>
 
 #include <chrono>
@@ -79,12 +80,14 @@ inline bool& in_parallel_work() {
 // compare-and-swap on the state word (generation, closed, helpers in), so it cannot join a closed or later
 // job. Idle helpers spin briefly on the word, then sleep until a new generation wakes them. A second thread
 // that shares work while a job runs (another engine in the same process) runs its work alone. The pool is
-// never destroyed: its sleeping helpers end with the process.
+// never destroyed: its sleeping helpers end with the process. A child of fork() has none of its parent's
+// helpers (and perhaps a lock held by a thread it does not have), so it starts a pool of its own.
 class WorkerPool {
  public:
   static WorkerPool& instance() {
-    static WorkerPool* pool = new WorkerPool();
-    return *pool;
+    static const bool renewed_in_children = pthread_atfork(nullptr, nullptr, [] { current() = new WorkerPool(); }) == 0;
+    (void)renewed_in_children;
+    return *current();
   }
 
   // Runs fn() on the calling thread and on up to `threads - 1` helpers that join in time.
@@ -147,6 +150,12 @@ class WorkerPool {
 
   template <class Fn>
   static void call(const void* fn) { (*static_cast<const Fn*>(fn))(); }
+
+  // This process's pool; only a fork's child replaces it (leaking its parent's), while it is single-threaded.
+  static WorkerPool*& current() {
+    static WorkerPool* pool = new WorkerPool();
+    return pool;
+  }
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
