@@ -84,11 +84,7 @@ inline bool& in_parallel_work() {
 // helpers (and perhaps a lock held by a thread it does not have), so it starts a pool of its own.
 class WorkerPool {
  public:
-  static WorkerPool& instance() {
-    static const bool renewed_in_children = pthread_atfork(nullptr, nullptr, [] { current() = new WorkerPool(); }) == 0;
-    (void)renewed_in_children;
-    return *current();
-  }
+  static WorkerPool& instance() { return *current(); }
 
   // Runs fn() on the calling thread and on up to `threads - 1` helpers that join in time.
   template <class Fn>
@@ -153,7 +149,10 @@ class WorkerPool {
 
   // This process's pool; only a fork's child replaces it (leaking its parent's), while it is single-threaded.
   static WorkerPool*& current() {
-    static WorkerPool* pool = new WorkerPool();
+    static WorkerPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { current() = new WorkerPool(); });
+      return new WorkerPool();
+    }();
     return pool;
   }
 
